@@ -1,0 +1,124 @@
+"""Device, profile and seeding: the three things every notebook sets up first.
+
+A *profile* sizes the work a notebook does:
+
+- ``ci``: the smallest runs, used by the test suite; quality floors are low but still fail on
+  a broken model.
+- ``cpu``: the default without a GPU; sized for a laptop-class CPU.
+- ``gpu``: the default with CUDA; larger models, more steps, bf16 autocast.
+
+The environment variable ``COURSE_PROFILE`` overrides the automatic choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+PROFILES = ("ci", "cpu", "gpu")
+PROFILE_ENV_VAR = "COURSE_PROFILE"
+DEVICE_ENV_VAR = "COURSE_DEVICE"
+DEFAULT_SEED = 0
+
+
+def get_device() -> torch.device:
+    """Return the best available device: CUDA, then Apple MPS, then CPU.
+
+    ``COURSE_DEVICE`` (for example ``cpu`` or ``cuda:1``) overrides the choice.
+    """
+    requested = os.environ.get(DEVICE_ENV_VAR, "").strip()
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{DEVICE_ENV_VAR}={requested!r} is not a valid torch device; "
+                "use cpu, cuda, cuda:N or mps, or unset the variable."
+            ) from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"{DEVICE_ENV_VAR}={requested!r} asks for CUDA, but this torch build sees no CUDA "
+                "device; unset the variable or install a CUDA build of torch."
+            )
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def get_profile(device: torch.device | None = None) -> str:
+    """Return the active profile: ``COURSE_PROFILE`` if set, else ``gpu`` on CUDA and ``cpu`` otherwise."""
+    requested = os.environ.get(PROFILE_ENV_VAR, "").strip().lower()
+    if requested:
+        if requested not in PROFILES:
+            raise ValueError(
+                f"{PROFILE_ENV_VAR}={requested!r} is not a known profile; "
+                f"choose one of {', '.join(PROFILES)} or unset the variable."
+            )
+        return requested
+    device = device or get_device()
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def seed_everything(seed: int = DEFAULT_SEED) -> None:
+    """Seed Python's ``random``, NumPy and torch (all devices) with one integer."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class CourseEnv:
+    """What a notebook runs with: device, profile and seed."""
+
+    device: torch.device
+    profile: str
+    seed: int = DEFAULT_SEED
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pick(self, **per_profile: Any) -> Any:
+        """Return the value given for the active profile, e.g. ``env.pick(ci=200, cpu=2000, gpu=20000)``.
+
+        Raises ``KeyError`` naming the missing profile when the active one has no value.
+        """
+        unknown = set(per_profile) - set(PROFILES)
+        if unknown:
+            raise ValueError(f"unknown profile name(s) {sorted(unknown)}; use {', '.join(PROFILES)}.")
+        if self.profile not in per_profile:
+            raise KeyError(
+                f"no value for the active profile {self.profile!r}; pass {self.profile}=... to pick()."
+            )
+        return per_profile[self.profile]
+
+    def autocast(self):
+        """Return a bf16 autocast context on CUDA in the ``gpu`` profile, and a no-op context elsewhere."""
+        if self.profile == "gpu" and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def describe(self) -> str:
+        return f"device: {self.device} | profile: {self.profile} | seed: {self.seed} | torch {torch.__version__}"
+
+
+def setup(seed: int = DEFAULT_SEED, verbose: bool = True) -> CourseEnv:
+    """Pick the device and profile, seed everything, print both, and return a :class:`CourseEnv`."""
+    device = get_device()
+    profile = get_profile(device)
+    seed_everything(seed)
+    if profile == "ci":
+        # Small CI machines share their cores with other jobs; more threads only add contention.
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    env = CourseEnv(device=device, profile=profile, seed=seed)
+    if verbose:
+        print(env.describe())
+    return env

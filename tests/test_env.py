@@ -1,0 +1,90 @@
+"""Device and profile selection, per-profile values and seeding."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from course_utils import env as course_env
+
+
+def test_profile_override(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "cpu")
+    assert course_env.get_profile(torch.device("cuda")) == "cpu"
+
+
+def test_profile_defaults_by_device(monkeypatch):
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    assert course_env.get_profile(torch.device("cuda")) == "gpu"
+    assert course_env.get_profile(torch.device("cpu")) == "cpu"
+    assert course_env.get_profile(torch.device("mps")) == "cpu"
+
+
+def test_unknown_profile_names_value_and_choices(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "fast")
+    with pytest.raises(ValueError, match=r"'fast'.*ci, cpu, gpu"):
+        course_env.get_profile()
+
+
+def test_device_override_rejects_missing_cuda(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cuda")
+    if torch.cuda.is_available():
+        assert course_env.get_device().type == "cuda"
+    else:
+        with pytest.raises(ValueError, match="CUDA"):
+            course_env.get_device()
+
+
+def test_device_override_rejects_garbage(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "tpu9")
+    with pytest.raises(ValueError, match="tpu9"):
+        course_env.get_device()
+
+
+def test_device_falls_back_to_cpu(monkeypatch):
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert course_env.get_device() == torch.device("cpu")
+
+
+def test_pick_returns_active_profile_value():
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="ci")
+    assert env.pick(ci=1, cpu=2, gpu=3) == 1
+
+
+def test_pick_missing_profile_raises():
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="gpu")
+    with pytest.raises(KeyError, match="gpu"):
+        env.pick(ci=1, cpu=2)
+
+
+def test_pick_rejects_unknown_profile_names():
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="ci")
+    with pytest.raises(ValueError, match="laptop"):
+        env.pick(ci=1, laptop=2)
+
+
+def test_seed_everything_repeats_all_generators():
+    course_env.seed_everything(123)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    course_env.seed_everything(123)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0]
+    assert first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+
+
+def test_seed_rejects_negative():
+    with pytest.raises(ValueError, match="-1"):
+        course_env.seed_everything(-1)
+
+
+def test_setup_prints_device_and_profile(capsys, monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "ci")
+    env = course_env.setup(seed=5)
+    printed = capsys.readouterr().out
+    assert "profile: ci" in printed
+    assert f"device: {env.device}" in printed
+    assert env.seed == 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from course_utils.checks.base import Case, checker, expect_close, fail
+from course_utils.checks.base import Case, checker, describe, expect_close, fail
 
 
 def _reference(x: torch.Tensor) -> torch.Tensor:
@@ -47,10 +47,31 @@ def check_l2_normalize(l2_normalize):
         if not torch.isfinite(torch.as_tensor(got)).all():
             fail("全零的列回傳有限值（例如 0），不是 NaN", str(got), "分母加上下限：norm.clamp_min(1e-12)。")
 
+    def gradient_flows():
+        x = torch.randn(3, 4, generator=generator, requires_grad=True)
+        got = l2_normalize(x)
+        if not isinstance(got, torch.Tensor) or not got.requires_grad:
+            fail("輸出保留計算圖（requires_grad=True）", "輸出沒有梯度", "不要用 .detach()、.numpy() 或 torch.no_grad()。")
+        got.sum().backward()
+        expected_x = x.detach().clone().requires_grad_(True)
+        _reference(expected_x).sum().backward()
+        expect_close(x.grad, expected_x.grad, "對輸入的梯度", hint="用可微分的 torch 運算（norm、除法）即可。")
+
+    def float64_and_device():
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for device in devices:
+            x = torch.randn(2, 6, generator=generator, dtype=torch.float64).to(device)
+            got = l2_normalize(x)
+            if not isinstance(got, torch.Tensor) or got.dtype != torch.float64 or got.device.type != device:
+                fail(f"float64、{device} 上的輸入得到 float64、{device} 上的輸出", describe(got), "不要建立固定 dtype 或固定 device 的新張量。")
+            expect_close(got.cpu(), _reference(x).cpu(), f"float64 輸入（{device}）的結果", atol=1e-10, rtol=1e-10)
+
     return [
         Case("簡單的 2x2 矩陣", simple_rows),
         Case("沿最後一維正規化", normalizes_last_dim),
         Case("批次（三維）輸入", batched_input),
         Case("不修改輸入", keeps_input_unchanged),
         Case("全零的列不產生 NaN", zero_row_is_finite),
+        Case("梯度正確", gradient_flows),
+        Case("float64 與 device 不變", float64_and_device),
     ]

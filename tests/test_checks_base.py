@@ -100,3 +100,9 @@ def test_report_on_gpu_tensor_input_works_on_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
     assert check_l2_normalize(correct, verbose=False).status == "passed"
+
+
+def test_strict_mode_raises_on_stub(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECKS_STRICT", "1")
+    with pytest.raises(CheckFailed, match="尚未實作"):
+        check_l2_normalize(stub, verbose=False)

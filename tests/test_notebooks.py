@@ -69,9 +69,11 @@ def test_failing_check_stops_notebook_with_short_message(tmp_path):
     with pytest.raises(CellExecutionError):
         _execute(notebook, tmp_path, timeout=120)
     output = _text_of(notebook.cells[2])
+    errors = [o for o in notebook.cells[2].outputs if o.output_type == "error"]
     assert "未通過" in output
     assert "CheckFailed" in output
     assert "Traceback" not in output
+    assert len(errors) == 1 and len(errors[0].traceback) == 1
     assert _text_of(notebook.cells[3]) == ""
 
 

@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 CHECK_LOG_ENV_VAR = "COURSE_CHECK_LOG"
+# With this set to 1, an untouched stub also raises, so tools that score a cell by whether it
+# raised (nbgrader's autograder) give it no points.
+STRICT_ENV_VAR = "COURSE_CHECKS_STRICT"
 PASSED, FAILED, ERROR, NOT_IMPLEMENTED = "passed", "failed", "error", "not_implemented"
 
 # exercise id -> (title, points); filled by @checker so the grader knows every exercise.
@@ -215,6 +218,8 @@ def run_cases(
     _write_log(result)
     if raise_on_fail and result.status in (FAILED, ERROR):
         raise CheckFailed(f"練習「{title}」未通過，詳見上方說明。")
+    if raise_on_fail and result.status == NOT_IMPLEMENTED and os.environ.get(STRICT_ENV_VAR) == "1":
+        raise CheckFailed(f"練習「{title}」尚未實作。")
     return result
 
 
@@ -250,7 +255,9 @@ def _install_ipython_handler() -> None:
         return
 
     def show_compactly(shell, etype, value, tb, tb_offset=None):
-        print(f"{etype.__name__}: {value}")
+        # An error output of one line: the cell still counts as failed (nbclient, nbgrader), but
+        # the learner sees no traceback wall under the report.
+        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
         return None
 
     shell.set_custom_exc((CheckFailed,), show_compactly)

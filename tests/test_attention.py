@@ -597,6 +597,15 @@ class UnusedValueProjection(FixedCrossAttention):
         return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.size(-1)), dim=-1) @ k
 
 
+class ExtraOutputProjection(FixedCrossAttention):
+    def __init__(self, d_model, d_context):
+        super().__init__(d_model, d_context)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, context):
+        return self.out_proj(super().forward(x, context))
+
+
 class SameModuleForKeyAndValue(FixedCrossAttention):
     def __init__(self, d_model, d_context):
         super().__init__(d_model, d_context)
@@ -609,8 +618,8 @@ def test_fix_checker_accepts_fixed_version():
 
 @pytest.mark.parametrize(
     "wrong",
-    [BuggyCrossAttention, OnlySoftmaxFixed, OnlyProjectionFixed, UnusedValueProjection, SameModuleForKeyAndValue],
-    ids=["buggy-original", "only-softmax-fixed", "only-projection-fixed", "v-proj-unused", "v-proj-is-k-proj"],
+    [BuggyCrossAttention, OnlySoftmaxFixed, OnlyProjectionFixed, UnusedValueProjection, SameModuleForKeyAndValue, ExtraOutputProjection],
+    ids=["buggy-original", "only-softmax-fixed", "only-projection-fixed", "v-proj-unused", "v-proj-is-k-proj", "extra-out-proj"],
 )
 def test_fix_checker_rejects_buggy_versions(wrong):
     assert _status(checks.check_fixed_cross_attention, wrong) == "failed"

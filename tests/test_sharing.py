@@ -384,8 +384,9 @@ def test_tie_kv_checker_reports_stub():
         lambda layers: [setattr(l.attn, "v_proj", l.attn.k_proj) for l in layers] and _tie_reference(layers),
         lambda layers: [setattr(l.attn, "k_proj", layers[-1].attn.k_proj) or setattr(l.attn, "v_proj", layers[-1].attn.v_proj) for l in layers],
         lambda layers: None,
+        lambda layers: [setattr(l.attn.k_proj, "weight", layers[0].attn.k_proj.weight) or setattr(l.attn.v_proj, "weight", layers[0].attn.v_proj.weight) for l in layers[1:]],
     ],
-    ids=["deepcopy", "load-state-dict", "whole-attention-shared", "k-tied-to-v", "last-layer-weights", "does-nothing"],
+    ids=["deepcopy", "load-state-dict", "whole-attention-shared", "k-tied-to-v", "last-layer-weights", "does-nothing", "weights-only"],
 )
 def test_tie_kv_checker_rejects_wrong_answers(wrong):
     assert _status(checks.check_tie_key_value, wrong) == "failed"

@@ -526,6 +526,9 @@ def check_fixed_cross_attention(module_class: type):
                      "建立 self.q_proj、self.k_proj、self.v_proj 三個 nn.Linear。")
         if module.k_proj is module.v_proj or module.k_proj.weight is module.v_proj.weight:
             fail("k_proj 與 v_proj 是兩個獨立的層", "兩者是同一個物件", HINT_KEYS_AS_VALUES)
+        if hasattr(module, "out_proj"):
+            fail("只有 q_proj、k_proj、v_proj（沒有輸出投影）", "多了 out_proj",
+                 "這個練習只修兩個錯誤；輸出投影留給多頭的 MultiHeadCrossAttention。")
         return module
 
     def identical_keys():

@@ -173,6 +173,9 @@ def check_tie_key_value(tie: Callable[[nn.ModuleList], object]):
                     hint = HINT_DEEPCOPY if torch.equal(mine.weight, wanted.weight) else (
                         f"把第 0 層的 {name} 模組本身指定給每一層：layer.attn.{name} = layers[0].attn.{name}。")
                     fail(f"第 {index} 層的 {name} 就是第 0 層的 {name}", "不同的參數", hint)
+                if mine.bias is not wanted.bias:
+                    fail(f"第 {index} 層的 {name}.bias 也是第 0 層的", "只共享了 weight，bias 仍是各層自己的",
+                         f"直接指定整個模組（layer.attn.{name} = layers[0].attn.{name}），weight 和 bias 就會一起共享。")
 
     def query_and_output_stay_separate():
         layers, _ = tied()
@@ -324,7 +327,7 @@ def check_unique_parameters(collect: Callable[[list[nn.Module]], list[nn.Paramet
         got = collect(layers)
         if isinstance(got, (set, frozenset)):
             fail("回傳 list", "set",
-                 "optimizer 需要固定順序（它的 state_dict 用位置對應參數），torch.optim 會拒絕 set；用 list，並以 id(p) 記錄看過的參數。")
+                 "set 的順序每次執行都可能不同，而 optimizer 的 state_dict 用位置對應參數，存檔後重新載入就可能對錯參數；用 list，並以 id(p) 記錄看過的參數。")
         if not isinstance(got, (list, tuple)):
             fail("回傳 list", type(got).__name__, "用 list(...) 收集，generator 只能走一次。")
         for item in got:

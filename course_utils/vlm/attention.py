@@ -181,8 +181,8 @@ def to_nn_multihead_attention_mask(attention_mask: torch.Tensor, num_heads: int,
     ``nn.MultiheadAttention`` reads a bool ``attn_mask`` the other way round (True = may NOT
     attend) and wants shape (Lq, Lk) or (batch * num_heads, Lq, Lk) with batch-major order.
     A 2-d mask (Lq, Lk) is returned inverted. A 3-d mask (batch, Lq or 1, Lk) is inverted,
-    expanded to ``query_len`` queries and repeated for each head; ``query_len`` is required
-    when the mask's query axis is 1. Raises ``ValueError`` for other shapes and ``TypeError``
+    expanded to ``query_len`` queries and repeated for each head. Pass ``query_len`` when the
+    mask's query axis is 1. Raises ``ValueError`` for other shapes and ``TypeError``
     for non-bool masks.
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:

@@ -420,10 +420,11 @@ class ConvPatchEncoder(nn.Module):
 class CrossAttentionVQA(nn.Module):
     """Answer a question about an image by letting question tokens attend over image patches.
 
-    Pipeline: :class:`ConvPatchEncoder` gives patch features (batch, N, d_context); question ids
-    (batch, T) are embedded with positions and pass one self-attention layer, so that every
-    token attends to the whole question; a :class:`CrossAttentionStack` (``depth`` layers, ``sharing`` mode) lets
-    the question tokens attend over the patches; the first token (``[CLS]`` from
+    The pipeline has four steps. :class:`ConvPatchEncoder` turns the images into patch features
+    (batch, N, d_context). Question ids (batch, T) are embedded with positions and pass one
+    self-attention layer, so that every token attends to the whole question. A
+    :class:`CrossAttentionStack` (``depth`` layers, ``sharing`` mode) lets the question tokens
+    attend over the patches. Finally the first token (``[CLS]`` from
     :class:`~course_utils.vlm.text.WordTokenizer`) feeds a linear classifier over the answers.
 
     ``forward(images, input_ids, attention_mask, return_weights=False)``: images (batch, 3, S, S)

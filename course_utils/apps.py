@@ -3,8 +3,12 @@
 - A synthetic "scan" data set for the medical-imaging style toy case (:func:`make_scans`).
   NOTE: it is a teaching toy built from drawn ellipses and spots, not medical data, and no
   model trained on it is a diagnostic tool.
-- Small evaluation helpers: questions flattened into rows, accuracy by question type,
-  sensitivity and specificity.
+- Loading the models notebooks 01-05 saved, or retraining a small stand-in when a checkpoint
+  is missing (:func:`load_or_retrain`, :func:`load_or_retrain_llava`), with short training
+  loops for each kind of model (:func:`train_vqa`, :func:`train_tiny_clip`,
+  :func:`train_clip_heads`, :func:`train_llava_shapes`).
+- Evaluation helpers: accuracy by question type, sensitivity and specificity, caption
+  positives for retrieval, batched LLaVA replies.
 
 Model code stays in :mod:`course_utils.vlm`; this module only loads, trains and evaluates it.
 """
@@ -37,7 +41,7 @@ from course_utils.vlm.text import WordTokenizer
 SCAN_SPLITS = ("train", "test")
 # Keeps the scan streams apart from ShapesWorld's (seed, split index, scene index) streams.
 SCAN_STREAM = 7001
-SCAN_QUESTION_TYPES = ("presence", "side")
+SCAN_QUESTION_TYPES = ("presence", "side")  # the question types of every scan, in order
 
 
 def _draw_scan(rng: np.random.Generator, image_size: int, has_lesion: bool) -> tuple[Image.Image, dict[str, Any]]:
@@ -286,7 +290,6 @@ def train_vqa(
     device: torch.device | str = "cpu",
     desc: str = "訓練 VQA",
     progress: bool = True,
-    prepare: Callable[[CrossAttentionVQA], CrossAttentionVQA] | None = None,
 ) -> tuple[CrossAttentionVQA, dict[str, Any], dict[str, list[float]]]:
     """Train a :class:`CrossAttentionVQA` from scratch on ``examples`` (images in uint8, scaled to [0, 1] here).
 
@@ -294,18 +297,14 @@ def train_vqa(
     ``num_answers``, which come from the questions and answers. Returns ``(model, config,
     history)`` with the model in eval mode; ``config`` has the keys ``model``, ``tokenizer``,
     ``answers`` and ``question_types`` (the layout notebook 02 saves), so
-    :func:`vqa_from_config` rebuilds it. ``prepare(model)``, when given, changes the freshly
-    built model before training (for example to share more weights) and returns it.
+    :func:`vqa_from_config` rebuilds it.
     """
     tokenizer = WordTokenizer.from_texts(examples.questions, max_length=model_config.get("max_question_len", 16))
     answers = sorted(set(examples.answers))
     input_ids, text_mask, labels = encode_vqa_examples(examples, tokenizer, answers)
 
     seed_everything(seed)
-    model = CrossAttentionVQA(tokenizer.vocab_size, len(answers), **model_config)
-    if prepare is not None:
-        model = prepare(model)
-    model = model.to(device)
+    model = CrossAttentionVQA(tokenizer.vocab_size, len(answers), **model_config).to(device)
     next_rows = batch_indices(len(examples), batch_size, seed=seed)
 
     def make_batch(step: int):
@@ -628,17 +627,21 @@ def train_clip_heads(
     loss_fn: Callable[[clip.CLIPHeads, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "CLIP heads",
     progress: bool = True,
+    prepare: Callable[[clip.CLIPHeads], clip.CLIPHeads] | None = None,
 ) -> tuple[clip.CLIPHeads, dict[str, list[float]]]:
     """Train :class:`~course_utils.vlm.clip.CLIPHeads` on frozen pairs (N, image_dim) and (N, text_dim).
 
     ``loss_fn(heads, image_batch, text_batch)`` replaces the default ``heads.loss`` (CLIP's
-    loss), e.g. to show what a wrong loss does. Returns ``(heads, history)`` with the heads in
-    eval mode.
+    loss), e.g. to show what a wrong loss does. ``prepare(heads)``, when given, changes the
+    freshly built heads before training (for example to share one head between both
+    modalities) and returns them. Returns ``(heads, history)`` with the heads in eval mode.
     """
     if len(image_features) != len(text_features):
         raise ValueError(f"got {len(image_features)} image features but {len(text_features)} text features; pass pairs.")
     seed_everything(seed)
     heads = clip.CLIPHeads(config)
+    if prepare is not None:
+        heads = prepare(heads)
     next_rows = batch_indices(len(image_features), min(batch_size, len(image_features)), seed=seed)
     compute = loss_fn or (lambda model, images, texts: model.loss(images, texts))
 

@@ -38,6 +38,7 @@ def test_scan_answers_match_lesion():
     scans = apps.make_scans(40, "test", seed=1)
     assert 0 < sum(scans["has_lesion"]) < len(scans)
     for scan in scans:
+        assert tuple(scan["question_types"]) == apps.SCAN_QUESTION_TYPES
         answers = dict(zip(scan["question_types"], scan["answers"]))
         if scan["has_lesion"]:
             assert answers["presence"] == "yes"
@@ -279,6 +280,18 @@ def test_train_clip_heads_uses_given_loss():
     assert calls == [16, 16, 16, 16]
     assert len(history["loss"]) == 4
     assert not heads.training
+
+
+def test_train_clip_heads_prepare_can_share_head():
+    def tie(heads):
+        heads.text_head = heads.image_head
+        return heads
+
+    features = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    heads, _ = apps.train_clip_heads(features, features.flip(0), clip.CLIPHeadsConfig(image_dim=6, text_dim=6, embed_dim=4),
+                                     steps=2, batch_size=8, prepare=tie, progress=False)
+    assert heads.text_head is heads.image_head
+    assert sum(p.numel() for p in heads.parameters()) == 6 * 4 + 4 + 1  # one linear head and logit_scale
 
 
 def test_train_clip_heads_rejects_unpaired_features():

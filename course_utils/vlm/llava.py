@@ -580,7 +580,7 @@ class MiniLlava(nn.Module):
         position_ids = position_ids_from_attention_mask(attention_mask)
         base = self._base_causal_lm()
         hidden = base.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, D)
         if labels is None:
             return base.lm_head(hidden)  # (B, T, V)

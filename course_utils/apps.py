@@ -220,7 +220,7 @@ def load_or_retrain(
     profile: str,
     made_by: str | None = None,
 ) -> LoadedModel:
-    """Load checkpoint ``name``; when it is missing, train with ``retrain()`` and say so.
+    """Load checkpoint ``name``; when it is missing, train with ``retrain()`` and print that it did.
 
     ``made_by`` names the notebook that trains and saves ``name`` (e.g. "01"). Then the order
     is: that notebook's checkpoint, from any profile; a model this notebook retrained earlier

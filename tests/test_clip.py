@@ -395,9 +395,19 @@ def test_text_encoder_ignores_padding():
     torch.testing.assert_close(encoder(short, mask_short), encoder(padded, mask_padded), atol=1e-5, rtol=1e-5)
 
 
+def test_vit_mean_pooling():
+    vit = clip.TinyViT(image_size=32, patch_size=8, dim=16, depth=1, heads=2, pool="mean").eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(vit(images), vit.forward_tokens(images)[:, 1:].mean(dim=1))
+
+
 def test_models_reject_bad_inputs():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         clip.TinyViT(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="pool must be"):
+        clip.TinyViT(image_size=32, patch_size=8, pool="max")
+    with pytest.raises(ValueError, match="stem must be"):
+        clip.TinyViT(image_size=32, patch_size=8, stem="resnet")
     with pytest.raises(ValueError, match="power-of-two"):
         clip.TinyViT(image_size=36, patch_size=6, stem="conv")
     vit = clip.TinyViT(image_size=32, patch_size=8, dim=16, depth=1, heads=2)
@@ -418,6 +428,15 @@ def test_clip_heads_shapes():
     heads.loss(torch.randn(4, 12), torch.randn(4, 8)).backward()
     assert heads.logit_scale.grad is not None
     assert clip.CLIPHeads.from_config(heads.config_dict()).config == heads.config
+
+
+def test_clip_heads_can_keep_text_space():
+    heads = clip.CLIPHeads(clip.CLIPHeadsConfig(image_dim=12, text_dim=8, embed_dim=8, project_text=False))
+    text = torch.randn(4, 8)
+    _, text_features = heads(torch.randn(4, 12), text)
+    assert torch.equal(text_features, text)
+    with pytest.raises(ValueError, match="must equal text_dim"):
+        clip.CLIPHeads(clip.CLIPHeadsConfig(image_dim=12, text_dim=8, embed_dim=6, project_text=False))
 
 
 def test_images_to_tensor_range():

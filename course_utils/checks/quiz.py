@@ -33,7 +33,7 @@ class MultipleChoice:
     """A question with lettered options and one right letter.
 
     ``options`` are the option texts in order; they get the letters A, B, C, ... ``answer`` is
-    the right letter. ``explanation`` says why, in Traditional Chinese.
+    the right letter. ``explanation`` explains why, in Traditional Chinese.
     """
 
     key: str

@@ -583,13 +583,19 @@ class TinyCLIP(nn.Module):
 
 @dataclass
 class CLIPHeadsConfig:
-    """Sizes of :class:`CLIPHeads`. With ``hidden_dim`` None each head is one linear layer."""
+    """Sizes of :class:`CLIPHeads`.
+
+    With ``hidden_dim`` None each head is one linear layer, otherwise a two-layer MLP. With
+    ``project_text`` False the text features are used as they are (``embed_dim`` must then
+    equal ``text_dim``), so only the image head is trained into the frozen text space.
+    """
 
     image_dim: int = 1280
     text_dim: int = 384
     embed_dim: int = 256
     hidden_dim: int | None = None
     dropout: float = 0.0
+    project_text: bool = True
 
 
 def _head(in_dim: int, hidden_dim: int | None, out_dim: int, dropout: float) -> nn.Module:
@@ -604,7 +610,7 @@ class CLIPHeads(nn.Module):
     """Trainable projections that align two frozen pretrained towers in one shared space.
 
     ``forward(image_features, text_features)`` takes pooled image features (B, image_dim) and
-    sentence features (B, text_dim) and returns both projected to (B, embed_dim), not
+    sentence features (B, text_dim) and returns both in the shared space (B, embed_dim), not
     normalized. Only these heads and ``logit_scale`` are trained.
     """
 
@@ -612,8 +618,13 @@ class CLIPHeads(nn.Module):
         super().__init__()
         self.config = config or CLIPHeadsConfig()
         c = self.config
+        if not c.project_text and c.embed_dim != c.text_dim:
+            raise ValueError(
+                f"with project_text=False the shared space is the text space, so embed_dim ({c.embed_dim}) "
+                f"must equal text_dim ({c.text_dim})."
+            )
         self.image_head = _head(c.image_dim, c.hidden_dim, c.embed_dim, c.dropout)
-        self.text_head = _head(c.text_dim, c.hidden_dim, c.embed_dim, c.dropout)
+        self.text_head = _head(c.text_dim, c.hidden_dim, c.embed_dim, c.dropout) if c.project_text else nn.Identity()
         self.logit_scale = init_logit_scale()
 
     @classmethod

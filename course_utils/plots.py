@@ -11,12 +11,30 @@ import textwrap
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib import font_manager
 import numpy as np
 import torch
 from PIL import Image
 
 # Fonts that can draw Traditional Chinese when the machine has them; matplotlib falls back silently.
-plt.rcParams["font.sans-serif"] = ["Noto Sans CJK TC", "Noto Sans CJK JP", "PingFang TC", "Microsoft JhengHei", "DejaVu Sans"]
+CJK_FONTS = ["Noto Sans CJK TC", "Noto Sans CJK JP", "PingFang TC", "Microsoft JhengHei"]
+plt.rcParams["font.sans-serif"] = CJK_FONTS + ["DejaVu Sans"]
+
+
+def _register_new_cjk_fonts() -> None:
+    """Add CJK fonts installed after matplotlib cached its font list (the cache would hide them)."""
+    known = {font.name for font in font_manager.fontManager.ttflist}
+    if known & set(CJK_FONTS):
+        return
+    for path in font_manager.findSystemFonts():
+        if "CJK" in path or "NotoSansTC" in path:
+            try:
+                font_manager.fontManager.addfont(path)
+            except (OSError, RuntimeError, ValueError):  # an unreadable font file is skipped
+                continue
+
+
+_register_new_cjk_fonts()
 plt.rcParams["axes.unicode_minus"] = False
 
 

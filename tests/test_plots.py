@@ -1,0 +1,29 @@
+"""Plot helpers draw Traditional Chinese titles when a CJK font is installed."""
+
+import warnings
+
+import matplotlib
+import pytest
+from matplotlib import font_manager
+
+matplotlib.use("Agg")
+
+from course_utils import plots  # noqa: E402
+
+HAS_CJK_FILE = any("CJK" in path or "NotoSansTC" in path for path in font_manager.findSystemFonts())
+
+
+@pytest.mark.skipif(not HAS_CJK_FILE, reason="no CJK font installed (the CI script installs fonts-noto-cjk)")
+def test_chinese_title_has_glyphs(tmp_path):
+    figure = plots.plot_curves({"loss": [3.0, 2.0, 1.0]}, title="訓練損失").figure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph is a UserWarning
+        figure.savefig(tmp_path / "curve.png")
+
+
+def test_cjk_font_is_registered_when_installed():
+    names = {font.name for font in font_manager.fontManager.ttflist}
+    if HAS_CJK_FILE:
+        assert names & set(plots.CJK_FONTS)
+    else:
+        pytest.skip("no CJK font installed")

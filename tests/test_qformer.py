@@ -558,6 +558,44 @@ def test_mask_checker_rejects_itc_leak():
     assert "ITC" in result.case
 
 
+def test_mask_checker_rejects_itc_text_seeing_queries():
+    # A one-way leak: queries stay apart, but text rows may read the queries.
+    def text_sees_queries(task, num_queries, text_attention_mask):
+        mask = qformer_attention_mask(task, num_queries, text_attention_mask)
+        if task == "itc":
+            mask[:, num_queries:, :num_queries] = True
+        return mask
+
+    result = run_check(checks.check_qformer_attention_mask, text_sees_queries)
+    assert result.status == "failed"
+    assert "ITC" in result.case
+    assert "文字→query" in result.expected
+
+
+def test_mask_checker_rejects_itg_text_blind_to_queries():
+    def causal_text_only(task, num_queries, text_attention_mask):
+        mask = qformer_attention_mask(task, num_queries, text_attention_mask)
+        if task == "itg":
+            mask[:, num_queries:, :num_queries] = False
+        return mask
+
+    result = run_check(checks.check_qformer_attention_mask, causal_text_only)
+    assert result.status == "failed"
+    assert "ITG" in result.case
+
+
+def test_mask_checker_rejects_padding_ignored_in_itg_only():
+    def itg_ignores_padding(task, num_queries, text_attention_mask):
+        if task == "itg":
+            text_attention_mask = torch.ones_like(text_attention_mask, dtype=torch.bool)
+        return qformer_attention_mask(task, num_queries, text_attention_mask)
+
+    result = run_check(checks.check_qformer_attention_mask, itg_ignores_padding)
+    assert result.status == "failed"
+    assert "padding" in result.case
+    assert "padding" in result.hint
+
+
 def test_mask_checker_rejects_ignored_padding():
     def ignores_padding(task, num_queries, text_attention_mask):
         return qformer_attention_mask(task, num_queries, torch.ones_like(text_attention_mask, dtype=torch.bool))

@@ -22,8 +22,10 @@ def _devices() -> list[torch.device]:
     return devices
 
 
-def _lengths_to_mask(lengths: list[int], text_len: int) -> torch.Tensor:
-    return torch.arange(text_len)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+def _lengths_to_mask(lengths: list[int], text_len: int, left: bool = False) -> torch.Tensor:
+    """Return a (B, T) bool mask with ``lengths[b]`` real tokens, padded on the right (or the left)."""
+    mask = torch.arange(text_len)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    return mask.flip(1) if left else mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +113,9 @@ def check_qformer_attention_mask(qformer_attention_mask_fn: Callable):
     """Check ``qformer_attention_mask(task, num_queries, text_attention_mask)`` for itc, itm and itg."""
 
     def case_for(task: str, num_queries: int, lengths: list[int], text_len: int, device=torch.device("cpu"),
-                 integer_mask: bool = False):
+                 integer_mask: bool = False, left: bool = False):
         def run():
-            text_mask = _lengths_to_mask(lengths, text_len).to(device)
+            text_mask = _lengths_to_mask(lengths, text_len, left).to(device)
             given = text_mask.long() if integer_mask else text_mask
             before = given.clone()
             got = qformer_attention_mask_fn(task, num_queries, given)
@@ -146,6 +148,10 @@ def check_qformer_attention_mask(qformer_attention_mask_fn: Callable):
         Case("ITM：批次中有 padding", case_for("itm", 3, [5, 3, 1], 5)),
         Case("ITG：批次中有 padding", case_for("itg", 3, [5, 3, 1], 5)),
         Case("ITG：queries 比文字多", case_for("itg", 6, [2, 1], 2)),
+        # With right padding the causal rule already hides later padding, so only left padding
+        # shows whether an ITG mask really removes padded keys.
+        Case("ITG：padding 在左側", case_for("itg", 2, [4, 2], 4, left=True)),
+        Case("ITC：padding 在左側", case_for("itc", 2, [4, 2], 4, left=True)),
         Case("0/1 整數遮罩（tokenizer 的輸出格式）", case_for("itg", 2, [4, 2], 4, integer_mask=True)),
         Case("ITC：0/1 整數遮罩", case_for("itc", 2, [3, 2], 3, integer_mask=True)),
     ]

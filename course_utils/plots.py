@@ -23,14 +23,14 @@ plt.rcParams["font.sans-serif"] = CJK_FONTS + ["DejaVu Sans"]
 
 def _register_new_cjk_fonts() -> None:
     """Add CJK fonts installed after matplotlib cached its font list (the cache would hide them)."""
-    known = {font.name for font in font_manager.fontManager.ttflist}
-    if known & set(CJK_FONTS):
+    cached_names = {font.name for font in font_manager.fontManager.ttflist}
+    if cached_names & set(CJK_FONTS):
         return
     for path in font_manager.findSystemFonts():
         if "CJK" in path or "NotoSansTC" in path:
             try:
                 font_manager.fontManager.addfont(path)
-            except (OSError, RuntimeError, ValueError):  # an unreadable font file is skipped
+            except (OSError, RuntimeError, ValueError):  # Skip a font file that cannot be read.
                 continue
 
 

@@ -621,10 +621,13 @@ class CLIPHeads(nn.Module):
         if not c.project_text and c.embed_dim != c.text_dim:
             raise ValueError(
                 f"with project_text=False the shared space is the text space, so embed_dim ({c.embed_dim}) "
-                f"must equal text_dim ({c.text_dim})."
+                f"must equal text_dim ({c.text_dim}); set embed_dim={c.text_dim} or project_text=True."
             )
         self.image_head = _head(c.image_dim, c.hidden_dim, c.embed_dim, c.dropout)
-        self.text_head = _head(c.text_dim, c.hidden_dim, c.embed_dim, c.dropout) if c.project_text else nn.Identity()
+        if c.project_text:
+            self.text_head = _head(c.text_dim, c.hidden_dim, c.embed_dim, c.dropout)
+        else:
+            self.text_head = nn.Identity()
         self.logit_scale = init_logit_scale()
 
     @classmethod

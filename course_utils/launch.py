@@ -70,8 +70,23 @@ def _local_worker(
     dist.init_process_group(backend, store=store, rank=local_rank, world_size=world_size, timeout=timeout)
     try:
         function(local_rank, world_size, *args)
+        dist.barrier()  # no rank leaves while another still works (rank 0 may be saving)
     finally:
         dist.destroy_process_group()
+    exit_finished_worker()
+
+
+def exit_finished_worker() -> None:
+    """End a worker process that finished its work and left its process group, with status 0.
+
+    The worker ends without the interpreter's and C++'s exit-time destructors: after DDP on
+    gloo these sometimes abort a finished worker (SIGABRT, "terminate called without an
+    active exception"), which turns a good run into a failed one for the launcher, which reads
+    exit status 0 as success. Standard output and error are flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch_local(

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from course_utils import paths
 from course_utils.env import PROFILES, seed_everything
-from course_utils.launch import LOOPBACK_ADDRESS, launch_local, run_module_in_subprocess
+from course_utils.launch import LOOPBACK_ADDRESS, exit_finished_worker, launch_local, run_module_in_subprocess
 from course_utils.train import _lr_factor  # linear warm-up, then cosine decay, as in fit()
 from course_utils.vlm.clip import PATCH_STEMS, TinyCLIP, TinyCLIPConfig, images_to_tensor
 from course_utils.vlm.distributed import distributed_clip_loss, local_batch_size
@@ -396,8 +396,10 @@ def _run_under_torchrun(config: TrainConfig) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
     try:
         train(config, rank=rank, world_size=world_size, local_rank=local_rank)
+        dist.barrier()  # no rank leaves while another still works (rank 0 may be saving)
     finally:
         dist.destroy_process_group()
+    exit_finished_worker()
 
 
 def run(config: TrainConfig, nproc_per_node: int = 1) -> None:

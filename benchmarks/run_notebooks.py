@@ -10,7 +10,8 @@ For every notebook and profile the notebook runs top to bottom in a fresh kernel
 - ``cuda_max_allocated_mib``: ``torch.cuda.max_memory_allocated()`` read in the kernel after
   the last cell (None without CUDA); it counts tensors only, not the caching allocator's reserve;
 - ``metrics``: every line ``METRIC name=value`` the notebook printed (the values its quality
-  assertions check). A notebook that prints none has an empty ``metrics``.
+  assertions check, reported with ``env.metric``, which prints them only when
+  ``COURSE_REPORT_METRICS=1``, as set here). A notebook that reports none has an empty ``metrics``.
 
 Usage::
 
@@ -117,7 +118,7 @@ class RssSampler(threading.Thread):
 
 def kernel_environment(profile: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(COURSE_PROFILE=profile, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    env.update(COURSE_PROFILE=profile, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", COURSE_REPORT_METRICS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH", "")]))
     return env
 

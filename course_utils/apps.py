@@ -419,49 +419,69 @@ def train_llava_shapes(
     scenes: datasets.Dataset,
     image_tokens: torch.Tensor,
     steps: int,
+    caption_steps: int = 0,
     batch_size: int = 16,
     lr: float = 1e-3,
+    caption_lr: float = 3e-3,
     lora_rank: int = 8,
     turns: int = 4,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[llava.MiniLlava, Any, dict[str, Any]]:
-    """Train a :class:`~course_utils.vlm.llava.MiniLlava` (projector + LoRA) on ShapesWorld chats.
+    """Train a :class:`~course_utils.vlm.llava.MiniLlava` on ShapesWorld, as notebook 05 does in short.
 
-    A shortened version of notebook 05: its visual instruction tuning (stage 2) without the
-    OpenMoji captioning stage. ``image_tokens`` (num_scenes, N, 1280) are the frozen vision
-    tokens of ``scenes``, already pooled. Returns ``(model, tokenizer, config)`` with the model
-    in eval mode and ``config`` in the layout :func:`~course_utils.vlm.llava.save_mini_llava`
-    expects.
+    The vision tokens are first standardized with statistics of ``image_tokens``. Stage 1 then
+    trains the projector alone on the scenes' captions for ``caption_steps`` steps (notebook 05
+    also mixes in OpenMoji names). Stage 2 trains the projector and LoRA adapters on
+    question-answer chats for ``steps`` steps. ``image_tokens`` (num_scenes, N, vision_dim) are the frozen vision
+    tokens of ``scenes``, already pooled. Returns ``(model, tokenizer, config)`` with the model in
+    eval mode and ``config`` in the layout :func:`~course_utils.vlm.llava.save_mini_llava` expects.
     """
     from course_utils.pretrained import load_language_model
 
     if len(scenes) != len(image_tokens):
         raise ValueError(f"got {len(scenes)} scenes but {len(image_tokens)} rows of image tokens; pass one row per scene.")
+    if steps < 1 or caption_steps < 0:
+        raise ValueError(f"steps must be >= 1 and caption_steps >= 0, got steps={steps}, caption_steps={caption_steps}.")
     language_model, tokenizer = load_language_model(device)
     image_token_id = llava.image_placeholder_id(tokenizer)
     num_image_tokens = image_tokens.shape[1]
+    captions = scenes["captions"]
 
     seed_everything(seed)
     model = llava.MiniLlava(language_model, image_tokens.shape[-1], image_token_id).to(device)
-    lora = model.add_lora(rank=lora_rank, alpha=2 * lora_rank)
+    model.standardize.fit(image_tokens.flatten(0, 1))
     rng = random.Random(seed)
 
-    def make_batch(step: int):
-        rows = [rng.randrange(len(scenes)) for _ in range(batch_size)]
-        samples = [llava.build_chat_prompt(tokenizer, shapes_conversation(scenes[row], rng, turns), image_token_id, num_image_tokens)
-                   for row in rows]
+    def to_device(samples, rows):
         batch = llava.pad_batch(samples, tokenizer.pad_token_id)
         labels = llava.build_labels(batch["input_ids"], batch["answer_mask"], batch["attention_mask"], image_token_id)
         return [tensor.to(device) for tensor in (batch["input_ids"], batch["attention_mask"], image_tokens[rows], labels)]
 
+    def caption_batch(step: int):
+        rows = [rng.randrange(len(scenes)) for _ in range(batch_size)]
+        samples = [llava.build_chat_prompt(tokenizer, [{"role": "user", "content": f"{llava.IMAGE_MARKER}\nDescribe the image."},
+                                                       {"role": "assistant", "content": rng.choice(captions[row])}],
+                                           image_token_id, num_image_tokens) for row in rows]
+        return to_device(samples, rows)
+
+    def chat_batch(step: int):
+        rows = [rng.randrange(len(scenes)) for _ in range(batch_size)]
+        samples = [llava.build_chat_prompt(tokenizer, shapes_conversation(scenes[row], rng, turns), image_token_id, num_image_tokens)
+                   for row in rows]
+        return to_device(samples, rows)
+
     model.train()
+    if caption_steps:
+        fit(lambda batch: model(*batch), caption_batch, model.projector.parameters(), caption_steps, lr=caption_lr,
+            desc="重新訓練 LLaVA：stage 1")
+    lora = model.add_lora(rank=lora_rank, alpha=2 * lora_rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fit(lambda batch: model(*batch), make_batch, trainable, steps, lr=lr, desc="重新訓練 LLaVA")
+    fit(lambda batch: model(*batch), chat_batch, trainable, steps, lr=lr, desc="重新訓練 LLaVA：stage 2")
     model.eval()
     config = {"vision_dim": image_tokens.shape[-1], "projector_kind": "mlp", "grid": math.isqrt(num_image_tokens),
               "lora_rank": lora_rank, "lora_alpha": 2 * lora_rank, "lora_targets": sorted(lora.target_modules),
-              "stage1_steps": 0, "stage2_steps": steps}
+              "stage1_steps": caption_steps, "stage1_data": "shapesworld", "standardized": True, "stage2_steps": steps}
     return model, tokenizer, config
 
 

@@ -13,6 +13,7 @@ The environment variable ``COURSE_PROFILE`` overrides the automatic choice.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 PROFILES = ("ci", "cpu", "gpu")
 PROFILE_ENV_VAR = "COURSE_PROFILE"
 DEVICE_ENV_VAR = "COURSE_DEVICE"
+REPORT_METRICS_ENV_VAR = "COURSE_REPORT_METRICS"
 DEFAULT_SEED = 0
 
 
@@ -105,6 +107,24 @@ class CourseEnv:
         if self.profile == "gpu" and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def metric(self, name: str, value: float) -> float:
+        """Hand a quality figure to the benchmark script and return ``value`` unchanged.
+
+        With ``COURSE_REPORT_METRICS=1``, as ``benchmarks/run_notebooks.py`` sets it, this
+        prints a line ``METRIC name=value`` for the script to collect. Otherwise it prints
+        nothing, and learners see only the notebook's own output. Raises ``ValueError`` for a name with spaces
+        or ``=`` (the line could not be parsed back) and for a value that is not a real number.
+        """
+        if not name or any(ch.isspace() or ch == "=" for ch in name):
+            raise ValueError(f"metric name {name!r} must be non-empty, without spaces or '='; use e.g. 'zero_shot_color'.")
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"metric {name!r} got {value!r}; pass a number (a float or a one-element tensor).")
+        if os.environ.get(REPORT_METRICS_ENV_VAR) == "1":
+            print(f"METRIC {name}={float(value):.6g}")
+        return value
 
     def describe(self) -> str:
         return f"device: {self.device} | profile: {self.profile} | seed: {self.seed} | torch {torch.__version__}"

@@ -79,10 +79,10 @@ def _local_worker(
 def exit_finished_worker() -> None:
     """End a worker process that finished its work and left its process group, with status 0.
 
-    The worker ends without the interpreter's and C++'s exit-time destructors: after DDP on
-    gloo these sometimes abort a finished worker (SIGABRT, "terminate called without an
-    active exception"), which turns a good run into a failed one for the launcher, which reads
-    exit status 0 as success. Standard output and error are flushed first.
+    The worker skips the interpreter's and C++'s exit-time destructors. After DDP on gloo,
+    those sometimes abort a worker that has already finished (SIGABRT, "terminate called
+    without an active exception"), and the launcher then reports a good run as failed.
+    Standard output and error are flushed first; the exit status is 0.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -327,3 +327,24 @@ def test_shapes_conversation_layout():
 def test_generate_replies_rejects_mismatched_images():
     with pytest.raises(ValueError, match="one image per prompt"):
         apps.generate_replies(None, None, [[1, 2], [3]], torch.zeros(1, 4, 8))
+
+
+def test_train_llava_shapes_standardizes_then_trains_projector_and_lora():
+    scenes = make_shapes_world(6, "train", seed=0, image_size=32)
+    tokens = torch.randn(6, 4, 1280, generator=torch.Generator().manual_seed(0)) * 5 + 2
+    model, tokenizer, config = apps.train_llava_shapes(scenes, tokens, steps=1, caption_steps=1, batch_size=2, turns=1, lora_rank=2)
+
+    torch.testing.assert_close(model.standardize.mean, tokens.flatten(0, 1).mean(0))
+    assert config["grid"] == 2 and config["stage1_steps"] == 1 and config["stage2_steps"] == 1 and config["standardized"]
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "stage 2 did not move the LoRA adapters"
+    base = [p for name, p in model.language_model.named_parameters() if "lora_" not in name]
+    assert all(not p.requires_grad for p in base)
+
+
+def test_train_llava_shapes_rejects_mismatched_rows_and_steps():
+    scenes = make_shapes_world(3, "train", seed=0, image_size=32)
+    with pytest.raises(ValueError, match="3 scenes but 2 rows"):
+        apps.train_llava_shapes(scenes, torch.zeros(2, 4, 8), steps=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        apps.train_llava_shapes(scenes, torch.zeros(3, 4, 8), steps=0)

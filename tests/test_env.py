@@ -88,3 +88,37 @@ def test_setup_prints_device_and_profile(capsys, monkeypatch):
     assert "profile: ci" in printed
     assert f"device: {env.device}" in printed
     assert env.seed == 5
+
+
+def test_metric_prints_a_parsable_line_only_for_the_benchmark(capsys, monkeypatch):
+    import importlib.util
+
+    from course_utils import paths
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", paths.REPO_DIR / "benchmarks" / "run_notebooks.py")
+    run_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_notebooks)
+
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="ci")
+    monkeypatch.delenv("COURSE_REPORT_METRICS", raising=False)
+    assert env.metric("zero_shot_color", 0.875) == 0.875
+    assert capsys.readouterr().out == ""
+
+    monkeypatch.setenv("COURSE_REPORT_METRICS", "1")
+    assert env.metric("recall_at_5", torch.tensor(0.5)) == 0.5
+    line = capsys.readouterr().out.strip()
+    match = run_notebooks.METRIC_LINE.match(line)
+    assert match is not None and match.groups() == ("recall_at_5", "0.5"), line
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("two words", 0.5, "without spaces"),
+    ("a=b", 0.5, "without spaces"),
+    ("", 0.5, "non-empty"),
+    ("accuracy", "high", "pass a number"),
+    ("accuracy", True, "pass a number"),
+])
+def test_metric_rejects_bad_names_and_values(name, value, message):
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="ci")
+    with pytest.raises(ValueError, match=message):
+        env.metric(name, value)

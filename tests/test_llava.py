@@ -432,17 +432,53 @@ def test_save_and_load_mini_llava(tmp_path, monkeypatch):
     config = {"vision_dim": 16, "projector_kind": "mlp", "lora_rank": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"]}
 
     trained = MiniLlava(tiny_llama(seed=0), vision_dim=16, image_token_id=9)
+    trained.standardize.fit(torch.randn(8, 2, 16) * 3 + 1)
     trained.add_lora(rank=4, alpha=8)
     one_step(trained)
     path = llava.save_mini_llava("llava_test", trained, config, profile="ci")
     stored = torch.load(path, weights_only=True)["state_dict"]
-    assert sum(value.numel() for value in stored.values()) == llava.count_parameters(trained, trainable_only=True)
+    statistics = {"standardize.mean", "standardize.std"}
+    assert statistics <= set(stored)
+    trained_count = sum(value.numel() for name, value in stored.items() if name not in statistics)
+    assert trained_count == llava.count_parameters(trained, trainable_only=True)
 
     model, _, loaded_config = llava.load_mini_llava("llava_test", device="cpu")
     assert loaded_config == config
+    torch.testing.assert_close(model.standardize.std, trained.standardize.std)
     input_ids, attention_mask, _, image_tokens = mini_batch()
     trained.eval()
     torch.testing.assert_close(model(input_ids, attention_mask, image_tokens), trained(input_ids, attention_mask, image_tokens))
+
+
+def test_feature_standardizer_fit_and_forward():
+    tokens = torch.randn(50, 4, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.01, 1, 5, 20, 1, 3]) + 7
+    tokens[..., 4] = 2.0  # a constant dimension must not divide by zero
+    standardizer = llava.FeatureStandardizer(6)
+    torch.testing.assert_close(standardizer(tokens), tokens)  # identity before fit
+    out = standardizer.fit(tokens)(tokens)
+    flat = out.reshape(-1, 6)
+    torch.testing.assert_close(flat[:, [0, 1, 2, 3, 5]].mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flat[:, [0, 1, 2, 3, 5]].std(0), torch.ones(5), atol=1e-4, rtol=0)
+    assert torch.isfinite(out).all() and torch.equal(out[..., 4], torch.zeros_like(out[..., 4]))
+    assert standardizer(tokens.half()).dtype == torch.float16
+
+
+def test_feature_standardizer_rejects_wrong_width_and_single_token():
+    with pytest.raises(ValueError, match=r"width 5.*vision_dim=6"):
+        llava.FeatureStandardizer(6).fit(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        llava.FeatureStandardizer(6).fit(torch.randn(1, 6))
+
+
+def test_minillava_standardizes_tokens_before_projector():
+    model = MiniLlava(tiny_llama(seed=1), vision_dim=16, image_token_id=9).eval()
+    tokens = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(2)) * 4 + 3
+    model.standardize.fit(tokens)
+    input_ids = torch.tensor([[1, 9, 9, 5], [1, 9, 9, 6]])
+    text = model.language_model.get_input_embeddings()(input_ids)
+    expected = text.clone()
+    expected[:, 1:3] = model.projector((tokens - model.standardize.mean) / model.standardize.std)
+    torch.testing.assert_close(model.embed(input_ids, tokens), expected)
 
 
 def test_load_mini_llava_without_checkpoint(tmp_path, monkeypatch):

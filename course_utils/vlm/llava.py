@@ -536,6 +536,40 @@ def greedy_generate(
 # ---------------------------------------------------------------------------------------------
 
 
+class FeatureStandardizer(nn.Module):
+    """Standardize every vision dimension: ``(tokens - mean) / std``, with stored statistics.
+
+    It starts as the identity (mean 0, std 1). :meth:`fit` sets the statistics from training
+    tokens, once, before training. They are buffers: a checkpoint stores them, and a loaded
+    model standardizes its inputs exactly as in training. Frozen encoders give dimensions of very different scales
+    (EfficientNet's last layer: some near zero, some in the tens); standardized, each dimension
+    starts with the same weight in the projector.
+    """
+
+    def __init__(self, vision_dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(vision_dim))
+        self.register_buffer("std", torch.ones(vision_dim))
+
+    @torch.no_grad()
+    def fit(self, tokens: torch.Tensor, min_std: float = 1e-6) -> "FeatureStandardizer":
+        """Set mean and std per dimension from ``tokens`` (..., vision_dim), over every other axis."""
+        if tokens.shape[-1] != self.mean.numel():
+            raise ValueError(
+                f"tokens have width {tokens.shape[-1]}, but this standardizer has vision_dim={self.mean.numel()}; "
+                f"fit it on tokens of the same vision encoder."
+            )
+        flat = tokens.detach().reshape(-1, tokens.shape[-1]).float()
+        if flat.shape[0] < 2:
+            raise ValueError(f"fit needs at least 2 tokens to estimate a standard deviation, got {flat.shape[0]}.")
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp_min(min_std))  # a constant dimension would divide by zero
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens - self.mean.to(tokens.dtype)) / self.std.to(tokens.dtype)
+
+
 class MiniLlava(nn.Module):
     """A LLaVA-style model on cached vision tokens: projector + causal language model.
 
@@ -546,13 +580,15 @@ class MiniLlava(nn.Module):
         projector_kind: ``"mlp"`` (LLaVA-1.5) or ``"linear"`` (LLaVA).
 
     The language model's parameters are frozen at construction; :meth:`add_lora` adds
-    trainable LoRA adapters for stage 2.
+    trainable LoRA adapters for stage 2. ``standardize`` (identity until its ``fit`` is called)
+    rescales the vision tokens before the projector.
     """
 
     def __init__(self, language_model: nn.Module, vision_dim: int, image_token_id: int, projector_kind: str = "mlp"):
         super().__init__()
         embeddings = language_model.get_input_embeddings()
         self.language_model = language_model
+        self.standardize = FeatureStandardizer(vision_dim).to(embeddings.weight.device)
         self.projector = LlavaProjector(vision_dim, embeddings.embedding_dim, kind=projector_kind).to(embeddings.weight.device)
         self.image_token_id = image_token_id
         self.language_model.requires_grad_(False)
@@ -560,7 +596,7 @@ class MiniLlava(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Return (B, T, D) input embeddings with projected ``image_tokens`` (num_images, N, vision_dim) merged in."""
         text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
-        image_embeds = self.projector(image_tokens.to(text_embeds.dtype))  # (num_images, N, D)
+        image_embeds = self.projector(self.standardize(image_tokens.float()).to(text_embeds.dtype))  # (num_images, N, D)
         return merge_image_features(text_embeds, input_ids, image_embeds, self.image_token_id)
 
     def forward(
@@ -624,11 +660,12 @@ class MiniLlava(nn.Module):
     def trained_parts(self) -> nn.Module:
         """Return a module that shares the projector and the LoRA adapters with this model.
 
-        Its ``state_dict`` holds only those weights (a few MB instead of the whole language
-        model), so ``save_checkpoint`` stores just what training changed, and loading a
-        checkpoint into it updates this model in place.
+        Its ``state_dict`` holds only those weights and the feature statistics (a few MB instead
+        of the whole language model), so ``save_checkpoint`` stores just what training changed,
+        and loading a checkpoint into it updates this model in place.
         """
         parts = nn.Module()
+        parts.standardize = self.standardize
         parts.projector = self.projector
         adapters = nn.ModuleDict()
         for name, module in self.language_model.named_modules():

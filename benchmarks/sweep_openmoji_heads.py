@@ -1,8 +1,8 @@
 """Sweep the CLIP heads of notebook 01 on OpenMoji: held-out Recall@5 per setting and seed.
 
 The heads align frozen EfficientNet-Lite0 image features and MiniLM sentence features of the
-full OpenMoji split (the features notebook 01 caches in the ``cpu`` profile; they are computed
-here when the cache is empty). Each setting trains from scratch for every seed and reports
+full OpenMoji split. These are the features notebook 01 caches in the ``cpu`` profile, and this
+script computes them when the cache is empty. Each setting trains from scratch for every seed and reports
 image-to-text and text-to-image Recall@5 on the held-out emoji, the figure notebook 01 asserts.
 
 Usage::
@@ -68,24 +68,24 @@ def openmoji_features() -> dict[str, dict[str, torch.Tensor]]:
 
 def recall_at_5(features, positives, seed: int, **overrides) -> tuple[float, float]:
     """Train one set of heads and return (image-to-text, text-to-image) Recall@5 on the held-out split."""
-    c = {**DEFAULTS, **overrides}
+    settings = {**DEFAULTS, **overrides}
     train_image, train_text = features["train"]["image"].float(), features["train"]["text"].float()
     test_image, test_text = features["test"]["image"].float(), features["test"]["text"].float()
-    if c["standardize"]:
+    if settings["standardize"]:
         mean, std = train_image.mean(0), train_image.std(0).clamp_min(1e-6)
         train_image, test_image = (train_image - mean) / std, (test_image - mean) / std
     config = clip.CLIPHeadsConfig(
         image_dim=train_image.shape[1], text_dim=train_text.shape[1],
-        embed_dim=c["dim"] if c["project_text"] else train_text.shape[1],
-        hidden_dim=c["hidden"], dropout=c["dropout"], project_text=c["project_text"],
+        embed_dim=settings["dim"] if settings["project_text"] else train_text.shape[1],
+        hidden_dim=settings["hidden"], dropout=settings["dropout"], project_text=settings["project_text"],
     )
     seed_everything(seed)
     heads = clip.CLIPHeads(config)
-    next_batch = batch_indices(len(train_image), min(c["batch"], len(train_image)), seed=seed)
+    next_batch = batch_indices(len(train_image), min(settings["batch"], len(train_image)), seed=seed)
     seed_everything(seed)
     heads.train()
-    fit(lambda rows: heads.loss(train_image[rows], train_text[rows]), next_batch, heads.parameters(), c["steps"],
-        lr=c["lr"], weight_decay=c["weight_decay"], progress=False)
+    fit(lambda rows: heads.loss(train_image[rows], train_text[rows]), next_batch, heads.parameters(), settings["steps"],
+        lr=settings["lr"], weight_decay=settings["weight_decay"], progress=False)
     heads.eval()
     with torch.no_grad():
         image, text = heads(test_image, test_text)

@@ -509,7 +509,11 @@ def load_or_retrain_llava(
         print(f"✓ 找不到「{name}」，載入本 notebook 之前在 profile {profile} 重新訓練的「{fallback}」")
         return LoadedModel(fallback, loaded[0], loaded[2], "retrained", profile, loaded[1])
 
-    print(f"⚠ 找不到 checkpoint「{name}」（執行 notebook 05 會產生它），現在用 profile {profile} 的小設定重新訓練……")
+    if (paths.CHECKPOINT_DIR / f"{name}.pt").exists():
+        reason = f"checkpoint「{name}」存在，但和目前的程式不相容（例如是舊版程式存的）；重新執行 notebook 05 可以更新它"
+    else:
+        reason = f"找不到 checkpoint「{name}」（執行 notebook 05 會產生它）"
+    print(f"⚠ {reason}，現在用 profile {profile} 的小設定重新訓練……")
     start = time.time()
     model, tokenizer, config = retrain()
     llava.save_mini_llava(fallback, model, config, profile)

@@ -348,3 +348,20 @@ def test_train_llava_shapes_rejects_mismatched_rows_and_steps():
         apps.train_llava_shapes(scenes, torch.zeros(2, 4, 8), steps=1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         apps.train_llava_shapes(scenes, torch.zeros(3, 4, 8), steps=0)
+
+
+def test_load_or_retrain_llava_names_an_outdated_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "CHECKPOINT_DIR", tmp_path)
+    (tmp_path / "llava_shapes.pt").write_bytes(b"not a checkpoint of the current code")
+
+    def retrain():
+        raise RuntimeError("retrain called")
+
+    with pytest.raises(RuntimeError, match="retrain called"):
+        apps.load_or_retrain_llava("ci", retrain, "cpu")
+    assert "不相容" in capsys.readouterr().out
+
+    (tmp_path / "llava_shapes.pt").unlink()
+    with pytest.raises(RuntimeError, match="retrain called"):
+        apps.load_or_retrain_llava("ci", retrain, "cpu")
+    assert "找不到 checkpoint" in capsys.readouterr().out

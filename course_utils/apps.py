@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from course_utils import paths
-from course_utils.checkpoints import load_checkpoint, save_checkpoint
+from course_utils.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from course_utils.env import seed_everything
 from course_utils.train import batch_indices, fit
 from course_utils.vlm import clip, llava
@@ -252,8 +252,17 @@ def load_or_retrain(
         print(f"✓ 找不到「{name}」，載入本 notebook 之前在 profile {profile} 重新訓練的「{fallback}」")
         return LoadedModel(fallback, loaded[0].eval(), loaded[1], "retrained", profile)
 
-    print(f"⚠ 找不到 checkpoint「{name}」（執行 notebook {made_by} 會產生它），現在用 profile {profile} 的小設定重新訓練……")
+    _announce_retraining(name, made_by, profile)
     return _train_and_save(fallback, retrain, profile, "retrained now")
+
+
+def _announce_retraining(name: str, made_by: str, profile: str) -> None:
+    """Print why checkpoint ``name`` cannot be used (missing, or saved by incompatible code) and that retraining starts."""
+    if checkpoint_exists(name):
+        reason = f"checkpoint「{name}」存在，但和目前的程式不相容（例如是舊版程式存的）；重新執行 notebook {made_by} 可以更新它"
+    else:
+        reason = f"找不到 checkpoint「{name}」（執行 notebook {made_by} 會產生它）"
+    print(f"⚠ {reason}，現在用 profile {profile} 的小設定重新訓練……")
 
 
 def _train_and_save(name: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], profile: str, source: str) -> LoadedModel:
@@ -433,9 +442,10 @@ def train_llava_shapes(
     The vision tokens are first standardized with statistics of ``image_tokens``. Stage 1 then
     trains the projector alone on the scenes' captions for ``caption_steps`` steps (notebook 05
     also mixes in OpenMoji names). Stage 2 trains the projector and LoRA adapters on
-    question-answer chats for ``steps`` steps. ``image_tokens`` (num_scenes, N, vision_dim) are the frozen vision
-    tokens of ``scenes``, already pooled. Returns ``(model, tokenizer, config)`` with the model in
-    eval mode and ``config`` in the layout :func:`~course_utils.vlm.llava.save_mini_llava` expects.
+    question-answer chats for ``steps`` steps. ``image_tokens`` (num_scenes, N, vision_dim) are
+    the frozen vision tokens of ``scenes``, already pooled. Returns ``(model, tokenizer, config)``
+    with the model in eval mode and ``config`` in the layout
+    :func:`~course_utils.vlm.llava.save_mini_llava` expects.
     """
     from course_utils.pretrained import load_language_model
 
@@ -481,7 +491,8 @@ def train_llava_shapes(
     model.eval()
     config = {"vision_dim": image_tokens.shape[-1], "projector_kind": "mlp", "grid": math.isqrt(num_image_tokens),
               "lora_rank": lora_rank, "lora_alpha": 2 * lora_rank, "lora_targets": sorted(lora.target_modules),
-              "stage1_steps": caption_steps, "stage1_data": "shapesworld", "standardized": True, "stage2_steps": steps}
+              "stage1_steps": caption_steps, "stage1_data": "shapesworld",
+              "standardized": bool((model.standardize.std != 1).any()), "stage2_steps": steps}
     return model, tokenizer, config
 
 
@@ -509,11 +520,7 @@ def load_or_retrain_llava(
         print(f"✓ 找不到「{name}」，載入本 notebook 之前在 profile {profile} 重新訓練的「{fallback}」")
         return LoadedModel(fallback, loaded[0], loaded[2], "retrained", profile, loaded[1])
 
-    if (paths.CHECKPOINT_DIR / f"{name}.pt").exists():
-        reason = f"checkpoint「{name}」存在，但和目前的程式不相容（例如是舊版程式存的）；重新執行 notebook 05 可以更新它"
-    else:
-        reason = f"找不到 checkpoint「{name}」（執行 notebook 05 會產生它）"
-    print(f"⚠ {reason}，現在用 profile {profile} 的小設定重新訓練……")
+    _announce_retraining(name, "05", profile)
     start = time.time()
     model, tokenizer, config = retrain()
     llava.save_mini_llava(fallback, model, config, profile)

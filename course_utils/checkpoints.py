@@ -32,6 +32,11 @@ def save_checkpoint(name: str, model: torch.nn.Module, config: dict[str, Any], p
     return str(path)
 
 
+def checkpoint_exists(name: str) -> bool:
+    """Return whether a checkpoint file called ``name`` exists, usable or not."""
+    return _path(name).exists()
+
+
 def load_checkpoint(name: str, model_factory: Callable[[dict[str, Any]], torch.nn.Module], profile: str | None = None):
     """Rebuild a saved model with ``model_factory(config)`` and load its weights.
 

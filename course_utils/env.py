@@ -113,8 +113,9 @@ class CourseEnv:
 
         With ``COURSE_REPORT_METRICS=1``, as ``benchmarks/run_notebooks.py`` sets it, this
         prints a line ``METRIC name=value`` for the script to collect. Otherwise it prints
-        nothing, and learners see only the notebook's own output. Raises ``ValueError`` for a name with spaces
-        or ``=`` (the line could not be parsed back) and for a value that is not a real number.
+        nothing, and learners see only the notebook's own output. Raises ``ValueError`` for a name
+        with spaces or ``=`` (the line could not be parsed back) and for a value that is not a
+        real number.
         """
         if not name or any(ch.isspace() or ch == "=" for ch in name):
             raise ValueError(f"metric name {name!r} must be non-empty, without spaces or '='; use e.g. 'zero_shot_color'.")

@@ -329,20 +329,24 @@ def test_generate_replies_rejects_mismatched_images():
         apps.generate_replies(None, None, [[1, 2], [3]], torch.zeros(1, 4, 8))
 
 
-def test_train_llava_shapes_standardizes_then_trains_projector_and_lora():
+def test_train_llava_shapes_standardizes_and_trains():
     scenes = make_shapes_world(6, "train", seed=0, image_size=32)
     tokens = torch.randn(6, 4, 1280, generator=torch.Generator().manual_seed(0)) * 5 + 2
     model, tokenizer, config = apps.train_llava_shapes(scenes, tokens, steps=1, caption_steps=1, batch_size=2, turns=1, lora_rank=2)
 
     torch.testing.assert_close(model.standardize.mean, tokens.flatten(0, 1).mean(0))
-    assert config["grid"] == 2 and config["stage1_steps"] == 1 and config["stage2_steps"] == 1 and config["standardized"]
+    assert config["grid"] == 2
+    assert config["stage1_steps"] == 1
+    assert config["stage2_steps"] == 1
+    assert config["standardized"]
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "stage 2 did not move the LoRA adapters"
+    assert lora_b
+    assert all(p.abs().sum() > 0 for p in lora_b), "stage 2 did not move the LoRA adapters"
     base = [p for name, p in model.language_model.named_parameters() if "lora_" not in name]
     assert all(not p.requires_grad for p in base)
 
 
-def test_train_llava_shapes_rejects_mismatched_rows_and_steps():
+def test_train_llava_shapes_rejects_bad_input():
     scenes = make_shapes_world(3, "train", seed=0, image_size=32)
     with pytest.raises(ValueError, match="3 scenes but 2 rows"):
         apps.train_llava_shapes(scenes, torch.zeros(2, 4, 8), steps=1)
@@ -350,7 +354,7 @@ def test_train_llava_shapes_rejects_mismatched_rows_and_steps():
         apps.train_llava_shapes(scenes, torch.zeros(3, 4, 8), steps=0)
 
 
-def test_load_or_retrain_llava_names_an_outdated_checkpoint(tmp_path, monkeypatch, capsys):
+def test_load_or_retrain_llava_outdated_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(paths, "CHECKPOINT_DIR", tmp_path)
     (tmp_path / "llava_shapes.pt").write_bytes(b"not a checkpoint of the current code")
 

@@ -90,7 +90,7 @@ def test_setup_prints_device_and_profile(capsys, monkeypatch):
     assert env.seed == 5
 
 
-def test_metric_prints_a_parsable_line_only_for_the_benchmark(capsys, monkeypatch):
+def test_metric_prints_only_for_benchmark(capsys, monkeypatch):
     import importlib.util
 
     from course_utils import paths

@@ -459,7 +459,8 @@ def test_feature_standardizer_fit_and_forward():
     flat = out.reshape(-1, 6)
     torch.testing.assert_close(flat[:, [0, 1, 2, 3, 5]].mean(0), torch.zeros(5), atol=1e-4, rtol=0)
     torch.testing.assert_close(flat[:, [0, 1, 2, 3, 5]].std(0), torch.ones(5), atol=1e-4, rtol=0)
-    assert torch.isfinite(out).all() and torch.equal(out[..., 4], torch.zeros_like(out[..., 4]))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., 4], torch.zeros_like(out[..., 4]))
     assert standardizer(tokens.half()).dtype == torch.float16
 
 

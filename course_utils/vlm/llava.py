@@ -542,9 +542,9 @@ class FeatureStandardizer(nn.Module):
     It starts as the identity (mean 0, std 1). :meth:`fit` sets the statistics from training
     tokens, once, before training. They are buffers: a checkpoint stores them, and a loaded
     model standardizes its inputs exactly as in training. The dimensions of a frozen encoder's
-    features have very different spreads (some of EfficientNet-Lite0's never change at all);
-    standardized, each dimension that varies starts on the same scale in the projector. A
-    dimension with zero spread stays 0 after standardization.
+    features have very different spreads, and some of EfficientNet-Lite0's never change at all.
+    After standardization each dimension that varies starts on the same scale in the projector,
+    and a dimension with zero spread stays 0.
     """
 
     def __init__(self, vision_dim: int):

@@ -97,11 +97,15 @@ def bench_sdpa(shape, device, dtype, backward, with_mask, rounds, target_s):
     q, k, v, mask = _make_inputs(shape, device, dtype, grad=backward)
     mask = mask if with_mask else None
 
+    # A dense upstream gradient, as inside a network. output.sum().backward() would pass a
+    # stride-0 gradient, which sends the batched matmuls of the backward pass down a slow path.
+    upstream = torch.randn(q.shape[:-1] + v.shape[-1:], generator=torch.Generator().manual_seed(2)).to(device, dtype)
+
     def run(function):
         def call():
             output = function(q, k, v, mask)
             if backward:
-                output.sum().backward()
+                output.backward(upstream)
         return call
 
     def reference(q, k, v, mask):
@@ -131,15 +135,17 @@ def bench_module(shape, device, dtype, backward, with_mask, rounds, target_s):
         mask = padding_mask(lengths, key_len).to(device)  # (B, 1, Lk)
         torch_mask = to_nn_multihead_attention_mask(mask, heads, query_len)
 
+    upstream = torch.randn(batch, query_len, d_model, generator=generator).to(device, dtype)  # dense, as in bench_sdpa
+
     def reference():
         output = module(x, context, mask)
         if backward:
-            output.sum().backward()
+            output.backward(upstream)
 
     def library():
         output, _ = torch_module(x, context, context, attn_mask=torch_mask, need_weights=False)
         if backward:
-            output.sum().backward()
+            output.backward(upstream)
 
     if not backward:
         module.eval()

@@ -424,6 +424,23 @@ def shapes_conversation(scene: dict[str, Any], rng: random.Random, turns: int) -
     return messages
 
 
+def scene_answer(scene: dict[str, Any], question: str) -> str | None:
+    """The true answer to ``question`` about a ShapesWorld scene, or None when the scene cannot tell.
+
+    Questions the scene was generated with are looked up; "is there a/an COLOR SHAPE?" is answered
+    from the scene's objects for any colour and shape. Used to mark chat replies right or wrong.
+    """
+    question = question.strip().lower()
+    for asked, answer in zip(scene["questions"], scene["answers"]):
+        if asked == question:
+            return answer
+    match = re.fullmatch(r"is there an? (\w+) (\w+)\?", question)
+    if match:
+        color, shape = match.groups()
+        return "yes" if any(o["color"] == color and o["shape"] == shape for o in scene["objects"]) else "no"
+    return None
+
+
 def train_llava_shapes(
     scenes: datasets.Dataset,
     image_tokens: torch.Tensor,

@@ -369,3 +369,15 @@ def test_load_or_retrain_llava_outdated_checkpoint(tmp_path, monkeypatch, capsys
     with pytest.raises(RuntimeError, match="retrain called"):
         apps.load_or_retrain_llava("ci", retrain, "cpu")
     assert "找不到 checkpoint" in capsys.readouterr().out
+
+
+def test_scene_answer_looks_up_and_derives_answers():
+    scene = make_shapes_world(1, split="test", seed=0)[0]
+    assert apps.scene_answer(scene, scene["questions"][0]) == scene["answers"][0]
+    first = scene["objects"][0]
+    assert apps.scene_answer(scene, f"Is there a {first['color']} {first['shape']}?") == "yes"
+    present = {(o["color"], o["shape"]) for o in scene["objects"]}
+    absent = next((c, s) for c in ("red", "green", "blue", "yellow", "purple", "orange")
+                  for s in ("circle", "square", "triangle", "diamond") if (c, s) not in present)
+    assert apps.scene_answer(scene, f"is there a {absent[0]} {absent[1]}?") == "no"
+    assert apps.scene_answer(scene, "what is the meaning of this?") is None

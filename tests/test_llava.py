@@ -560,6 +560,36 @@ def test_projector_checker_statuses():
         assert run_check(checks.check_projector, wrong) == "failed", wrong.__name__
 
 
+def test_projector_checker_names_missing_second_layer():
+    class OneLayerMlp(torch.nn.Module):
+        def __init__(self, vision_dim, text_dim, kind="mlp"):
+            super().__init__()
+            self.kind = kind
+            self.linear_1 = torch.nn.Linear(vision_dim, text_dim)
+
+        def forward(self, x):
+            return self.linear_1(x)
+
+    result = checks.check_projector(OneLayerMlp, raise_on_fail=False, verbose=False)
+    assert result.status == "failed"
+    assert "只有 1 層" in result.hint
+
+
+def test_projector_checker_names_renamed_layers():
+    class RenamedMlp(torch.nn.Module):
+        def __init__(self, vision_dim, text_dim, kind="mlp"):
+            super().__init__()
+            self.linear_1 = torch.nn.Linear(vision_dim, text_dim)
+            self.second = torch.nn.Linear(text_dim, text_dim) if kind == "mlp" else None
+
+        def forward(self, x):
+            hidden = self.linear_1(x)
+            return hidden if self.second is None else self.second(torch.nn.functional.gelu(hidden))
+
+    result = checks.check_projector(RenamedMlp, raise_on_fail=False, verbose=False)
+    assert "名稱" in result.hint
+
+
 def merge_off_by_one(input_embeds, input_ids, image_features, image_token_id):
     merged = input_embeds.clone()
     mask = input_ids == image_token_id
@@ -650,6 +680,16 @@ def test_labels_checker_statuses():
 def test_labels_checker_names_double_shift():
     result = checks.check_build_labels(labels_double_shift, raise_on_fail=False, verbose=False)
     assert "平移" in result.hint
+
+
+@pytest.mark.parametrize("wrong, named", [
+    (labels_image_unmasked, "image token 位置"),
+    (labels_padding_unmasked, "padding 位置"),
+    (labels_unmasked_prompt, "prompt 或聊天模板位置"),
+])
+def test_labels_checker_names_leaked_positions(wrong, named):
+    result = checks.check_build_labels(wrong, raise_on_fail=False, verbose=False)
+    assert named in result.hint
 
 
 def generation_right_padded(sequences, pad_token_id):

@@ -63,8 +63,13 @@ def check_projector(projector_class):
         for name in names:
             layer = getattr(module, name, None)
             if not isinstance(layer, torch.nn.Linear):
-                fail(f"屬性 {name} 是 nn.Linear", describe(layer),
-                     "照 transformers 的 LlavaMultiModalProjector 命名：第一層 linear_1，第二層 linear_2。")
+                linear_count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+                if layer is None and len(names) > linear_count:
+                    hint = (f"kind={kind!r} 需要 {len(names)} 層 nn.Linear，你的 module 只有 {linear_count} 層："
+                            "LLaVA-1.5 的 MLP 是 linear_1（vision_dim→text_dim）→ GELU → linear_2（text_dim→text_dim）。")
+                else:
+                    hint = "層數對了，名稱要照 transformers 的 LlavaMultiModalProjector：第一層 linear_1，第二層 linear_2。"
+                fail(f"屬性 {name} 是 nn.Linear", describe(layer), hint)
         return module
 
     def linear_parameter_count():
@@ -290,7 +295,8 @@ def check_merge_image_features(merge_image_features):
 # ---------------------------------------------------------------------------------------------
 
 
-def _diagnose_labels(got: torch.Tensor, expected: torch.Tensor) -> str:
+def _diagnose_labels(got: torch.Tensor, expected: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_token_id: int) -> str:
     """Name the typical mistake behind a wrong label tensor, or return "" when none fits."""
     shifted_left = torch.full_like(expected, IGNORE_INDEX)
     shifted_left[:, :-1] = expected[:, 1:]
@@ -298,11 +304,23 @@ def _diagnose_labels(got: torch.Tensor, expected: torch.Tensor) -> str:
         return ("你的 labels 往左平移了一格。loss 函式（transformers 的 causal LM loss、本課的 causal_lm_loss）"
                 "已經會把 logits[t] 對到 labels[t+1]；這裡再平移，就變成平移兩次。labels 要和 input_ids 對齊。")
     answer_kept = expected != IGNORE_INDEX
-    if torch.equal(got[answer_kept], expected[answer_kept]) and bool((got[~answer_kept] != IGNORE_INDEX).any()):
-        leaked = (got != IGNORE_INDEX) & ~answer_kept
-        return (f"回答的 labels 正確，但有 {int(leaked.sum())} 個非回答位置沒有設成 -100（prompt、image token 或 padding）。"
-                "沒遮掉的話，模型會把力氣花在背使用者的問題和模板上。")
-    return ""
+    leaked = (got != IGNORE_INDEX) & ~answer_kept
+    if not (torch.equal(got[answer_kept], expected[answer_kept]) and bool(leaked.any())):
+        return ""
+    padding = leaked & ~attention_mask.bool()
+    image = leaked & attention_mask.bool() & (input_ids == image_token_id)
+    prompt = leaked & ~padding & ~image
+    kinds = []
+    if bool(prompt.any()):
+        kinds.append(f"{int(prompt.sum())} 個 prompt 或聊天模板位置：只有 answer_mask 為 True 的位置保留 token id，"
+                     "沒遮掉的話，模型會把力氣花在背使用者的問題和模板上")
+    if bool(image.any()):
+        kinds.append(f"{int(image.sum())} 個 image token 位置：那裡的 id 只是佔位符，沒有東西可學，"
+                     "不論 answer_mask 怎麼寫，input_ids == image_token_id 的位置都要是 -100")
+    if bool(padding.any()):
+        kinds.append(f"{int(padding.sum())} 個 padding 位置（attention_mask 為 0）：不論 padding 在左邊或右邊，"
+                     "都看 attention_mask，不要用 input_ids == pad_id 判斷（SmolLM2 的 pad id 也是回答結尾的 <|im_end|>）")
+    return "回答的 labels 正確，但這些位置沒有設成 -100：" + "；".join(kinds) + "。"
 
 
 @checker("llava_labels", "建立 labels：只在回答上計算 loss", points=2.0)
@@ -322,7 +340,8 @@ def check_build_labels(build_labels):
             fail(f"{what}的形狀為 {tuple(expected.shape)}", f"形狀 {tuple(got.shape)}",
                  "labels 和 input_ids 同形狀：不要在這裡平移（shift），loss 會自己平移一次。")
         if not torch.equal(got.long(), expected):
-            fail(f"{what} = {expected.tolist()}", str(got.tolist()), _diagnose_labels(got.long(), expected) or hint)
+            fail(f"{what} = {expected.tolist()}", str(got.tolist()),
+                 _diagnose_labels(got.long(), expected, input_ids, attention_mask, image_id) or hint)
 
     def prompt_is_masked():
         # <start> user text <end> <start> assistant answer <end>

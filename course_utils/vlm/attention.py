@@ -94,10 +94,14 @@ def scaled_dot_product_attention(
 
     if attention_mask is not None:
         _check_bool_mask(attention_mask, tuple(scores.shape))
-        # The minimum finite value instead of -inf, so that a fully masked row gives a finite
-        # uniform softmax (removed by the zeroing below) instead of 0/0 = NaN. In place is safe
-        # because matmul's backward needs its inputs, not its output.
-        scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
+        # Blocked keys get the minimum finite value added instead of -inf, so that a fully masked
+        # row gives a finite uniform softmax (removed by the zeroing below) instead of 0/0 = NaN.
+        # The bias is built at the mask's own shape, often (batch, 1, Lq or 1, Lk), and added
+        # with broadcasting: on CPU this is several times faster than masked_fill_ with a
+        # broadcast mask. In place is safe because matmul's backward needs its inputs, not its
+        # output.
+        blocked_bias = attention_mask.logical_not().to(scores.dtype).mul_(torch.finfo(scores.dtype).min)
+        scores.add_(blocked_bias)
 
     weights = torch.softmax(scores, dim=-1)  # (..., Lq, Lk), each row sums to 1
     if dropout_p > 0.0:

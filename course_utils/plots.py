@@ -44,6 +44,16 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def drawable_text(text: str) -> str:
+    """Return ``text`` with each character the plot fonts cannot draw replaced by a white square.
+
+    Those are emoji outside the Basic Multilingual Plane, which Noto Sans CJK lacks, and U+FFFD,
+    which decoding leaves where generation stopped inside a multi-byte character. Matplotlib
+    would otherwise warn and draw an empty box.
+    """
+    return "".join("\u25a1" if ord(ch) > 0xFFFF or ch == "\ufffd" else ch for ch in str(text))
+
+
 def show_images(images: Sequence[Image.Image], titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.6, wrap: int = 18):
     """Draw ``images`` in a grid, each with its (wrapped) title underneath. Returns the figure."""
     if len(images) == 0:
@@ -59,7 +69,7 @@ def show_images(images: Sequence[Image.Image], titles: Sequence[str] | None = No
             continue
         axis.imshow(images[index])
         if titles is not None:
-            axis.set_title("\n".join(textwrap.wrap(str(titles[index]), wrap)), fontsize=7)
+            axis.set_title("\n".join(textwrap.wrap(drawable_text(titles[index]), wrap)), fontsize=7)
     figure.tight_layout()
     return figure
 

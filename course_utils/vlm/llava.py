@@ -28,6 +28,7 @@ Mask convention: ``attention_mask`` is 1/True on real tokens and 0/False on padd
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -651,7 +652,11 @@ class MiniLlava(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none")
-        self.language_model = get_peft_model(self.language_model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` property while it
+            # wraps the model. The FutureWarning concerns peft's code, so learners cannot act on it.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.language_model = get_peft_model(self.language_model, config)
         return config
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

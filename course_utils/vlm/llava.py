@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_utils.vlm.sharing import count_parameters  # noqa: F401  (notebooks call llava.count_parameters)
+
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 
@@ -91,11 +93,6 @@ class LlavaProjector(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Return the number of parameters of ``module`` (only those with ``requires_grad`` if asked)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def pool_image_tokens(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:

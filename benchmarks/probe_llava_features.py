@@ -2,11 +2,11 @@
 
 Notebook 05 feeds SmolLM2 the frozen EfficientNet-Lite0 tokens of each scene, average-pooled from
 7x7 to ``grid x grid``. This script measures what those tokens support at all, with no language
-model in the way: a small transformer classifier (answer slot, projected image tokens with
-learned position embeddings, question words) trains from scratch on the same training scenes
-and question-answer pairs as the ``cpu`` profile of notebook 05 and picks one answer out of all
-answers. Its held-out accuracy per question type, next to the majority-answer baseline, shows
-which question types the pooled tokens make learnable in a short run.
+model in the way. A small transformer classifier reads an answer slot, the projected image
+tokens with learned position embeddings, and the question words. It trains from scratch on the
+training scenes and question-answer pairs of notebook 05's ``cpu`` profile and picks one answer
+out of all answers. Its held-out accuracy per question type, next to the majority-answer
+baseline, shows which question types the pooled tokens make learnable in a short run.
 
 Usage::
 
@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_utils import seed_everything  # noqa: E402
+from course_utils.apps import accuracy_by_type  # noqa: E402
 from course_utils.data import make_shapes_world  # noqa: E402
 from course_utils.pretrained import cached_features, load_image_encoder  # noqa: E402
 from course_utils.vlm.llava import pool_image_tokens  # noqa: E402
@@ -95,7 +96,7 @@ def probe_grid(grid, train_tokens, test_tokens, train_qa, test_qa, vocab, answer
     train_tokens = pool_image_tokens(train_tokens, grid)
     test_tokens = pool_image_tokens(test_tokens, grid)
     words, scenes, targets = tensors(train_qa)
-    test_words, test_scenes, test_targets = tensors(test_qa)
+    test_words, test_scenes, _ = tensors(test_qa)
     model = AnswerProbe(grid * grid, train_tokens.shape[-1], len(vocab) + 1, len(answers))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -109,15 +110,15 @@ def probe_grid(grid, train_tokens, test_tokens, train_qa, test_qa, vocab, answer
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        correct = (model(test_tokens[test_scenes], test_words).argmax(-1) == test_targets).float()
-    kinds = [kind for _, _, _, kind in test_qa]
-    by_type = {}
-    for kind in sorted(set(kinds)):
-        picked = [i for i, k in enumerate(kinds) if k == kind]
-        truths = [test_qa[i][2] for i in picked]
-        by_type[kind] = {"accuracy": correct[picked].mean().item(), "majority": max(map(truths.count, set(truths))) / len(truths),
-                         "questions": len(picked)}
-    return {"grid": grid, "accuracy": correct.mean().item(), "by_type": by_type, "train_s": time.time() - start}
+        predicted = [answers[i] for i in model(test_tokens[test_scenes], test_words).argmax(-1).tolist()]
+    table = accuracy_by_type(predicted, [answer for _, _, answer, _ in test_qa], [kind for _, _, _, kind in test_qa])
+    by_type, overall = {}, None
+    for row in table.to_dict("records"):  # column names are the notebook-facing Chinese ones
+        if row["題型"] == "全部":
+            overall = row["準確率"]
+        else:
+            by_type[row["題型"]] = {"accuracy": row["準確率"], "majority": row["猜最常見答案"], "questions": row["題數"]}
+    return {"grid": grid, "accuracy": overall, "by_type": by_type, "train_s": time.time() - start}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,14 +425,15 @@ def shapes_conversation(scene: dict[str, Any], rng: random.Random, turns: int) -
 
 
 def scene_answer(scene: dict[str, Any], question: str) -> str | None:
-    """The true answer to ``question`` about a ShapesWorld scene, or None when the scene cannot tell.
+    """Return the true answer to ``question`` about a ShapesWorld scene, or None when the scene has none.
 
-    Questions the scene was generated with are looked up; "is there a/an COLOR SHAPE?" is answered
-    from the scene's objects for any colour and shape. Used to mark chat replies right or wrong.
+    A question the scene was generated with returns its stored answer. "is there a/an COLOR SHAPE?"
+    is decided from the scene's objects for any colour and shape. Notebooks use this to mark chat
+    replies right or wrong.
     """
     question = question.strip().lower()
-    for asked, answer in zip(scene["questions"], scene["answers"]):
-        if asked == question:
+    for known_question, answer in zip(scene["questions"], scene["answers"]):
+        if known_question == question:
             return answer
     match = re.fullmatch(r"is there an? (\w+) (\w+)\?", question)
     if match:

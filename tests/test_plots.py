@@ -27,13 +27,13 @@ def test_installed_cjk_font_is_registered():
     assert registered_names & set(plots.CJK_FONTS)
 
 
-def test_drawable_text_replaces_emoji_and_broken_bytes():
+def test_drawable_text_replaces_emoji():
     assert plots.drawable_text("a \U0001f31f b\ufffd") == "a \u25a1 b\u25a1"
     assert plots.drawable_text("紅色 circle") == "紅色 circle"
 
 
 @pytest.mark.skipif(not HAS_CJK_FILE, reason="no CJK font installed (the CI script installs fonts-noto-cjk)")
-def test_image_titles_with_emoji_draw_without_warning(tmp_path):
+def test_emoji_titles_draw_without_warning(tmp_path):
     from PIL import Image
 
     with warnings.catch_warnings():

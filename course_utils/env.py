@@ -8,6 +8,11 @@ A *profile* sizes the work a notebook does:
 - ``gpu``: the default with CUDA; larger models, more steps, bf16 autocast.
 
 The environment variable ``COURSE_PROFILE`` overrides the automatic choice.
+
+bf16 on a CPU: a notebook may ask :meth:`CourseEnv.autocast` for bf16 on the CPU too
+(``cpu_bf16=True``). It is used only where the CPU multiplies bf16 matrices in hardware
+(Intel AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than float32, so the context
+stays a no-op. ``COURSE_CPU_BF16=0`` turns it off (to compare with float32), ``=1`` forces it on.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 PROFILES = ("ci", "cpu", "gpu")
 PROFILE_ENV_VAR = "COURSE_PROFILE"
 DEVICE_ENV_VAR = "COURSE_DEVICE"
+CPU_BF16_ENV_VAR = "COURSE_CPU_BF16"
 REPORT_METRICS_ENV_VAR = "COURSE_REPORT_METRICS"
 DEFAULT_SEED = 0
 
@@ -70,6 +76,26 @@ def get_profile(device: torch.device | None = None) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Return True when this CPU has bf16 matrix instructions (Intel AMX or AVX512-BF16)."""
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, name, None)
+        if check is not None and bool(check()):
+            return True
+    return False
+
+
+def cpu_bf16_enabled() -> bool:
+    """Return whether CPU bf16 autocast is on: ``COURSE_CPU_BF16`` if set, else :func:`cpu_has_native_bf16`."""
+    requested = os.environ.get(CPU_BF16_ENV_VAR, "").strip()
+    if not requested:
+        return cpu_has_native_bf16()
+    if requested not in ("0", "1"):
+        raise ValueError(f"{CPU_BF16_ENV_VAR}={requested!r} must be 0 (off) or 1 (on); or unset it to decide by the CPU.")
+    return requested == "1"
+
+
 def seed_everything(seed: int = DEFAULT_SEED) -> None:
     """Seed Python's ``random``, NumPy and torch (all devices) with one integer."""
     if not isinstance(seed, int) or seed < 0:
@@ -102,10 +128,17 @@ class CourseEnv:
             )
         return per_profile[self.profile]
 
-    def autocast(self):
-        """Return a bf16 autocast context on CUDA in the ``gpu`` profile, and a no-op context elsewhere."""
+    def autocast(self, cpu_bf16: bool = False):
+        """Return a bf16 autocast context on CUDA in the ``gpu`` profile, and a no-op context elsewhere.
+
+        With ``cpu_bf16=True``, a CPU run also gets bf16 autocast when :func:`cpu_bf16_enabled`
+        says so (a CPU with bf16 matrix instructions, unless ``COURSE_CPU_BF16=0``). Matrix
+        products then run in bf16 with float32 accumulation; the parameters stay float32.
+        """
         if self.profile == "gpu" and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if cpu_bf16 and self.device.type == "cpu" and cpu_bf16_enabled():
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def metric(self, name: str, value: float) -> float:

@@ -216,14 +216,24 @@ def _convert_smollm2(cache: Path) -> None:
     partial.rename(cache)
 
 
-def load_language_model(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+def load_language_model(
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+):
     """Load frozen SmolLM2-135M-Instruct as a transformers causal LM, with its tokenizer.
 
     The first call de-quantizes the GGUF file (about 20 s on a laptop CPU) and stores a float32
     copy under ``data/cache/``; later calls load that copy, and an unreadable copy is rebuilt.
     Returns ``(model, tokenizer)``; the tokenizer's pad token is ``<|im_end|>`` and its chat
     template is SmolLM2's.
+
+    ``attn_implementation`` (``"eager"``, ``"sdpa"``; None keeps transformers' default, SDPA)
+    picks how attention is computed. Notebook 05 trains with ``"eager"`` because, on a CPU under
+    bf16 autocast and at its sequences of about 130 tokens, a training step with the plain
+    matrix products ran faster than with PyTorch's fused SDPA (``benchmarks/bench_llava_step.py``
+    times both).
     """
+    if attn_implementation not in (None, "eager", "sdpa"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported here; use 'eager', 'sdpa' or None.")
     _quiet_transformers()
     device = torch.device(device) if device is not None else get_device()
     cache = paths.CACHE_DIR / "smollm2-135m-instruct"
@@ -237,6 +247,8 @@ def load_language_model(device: torch.device | str | None = None, dtype: torch.d
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|im_end|>"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     return _freeze(model).to(device), tokenizer
 
 

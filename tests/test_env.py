@@ -122,3 +122,33 @@ def test_metric_rejects_bad_names_and_values(name, value, message):
     env = course_env.CourseEnv(device=torch.device("cpu"), profile="ci")
     with pytest.raises(ValueError, match=message):
         env.metric(name, value)
+
+
+def _matmul_dtype_inside(context) -> torch.dtype:
+    with context:
+        return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+
+@pytest.mark.parametrize(
+    "setting, cpu_bf16, expected",
+    [("1", True, torch.bfloat16), ("0", True, torch.float32), ("1", False, torch.float32)],
+)
+def test_cpu_bf16_request_and_override(monkeypatch, setting, cpu_bf16, expected):
+    monkeypatch.setenv("COURSE_CPU_BF16", setting)
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="cpu")
+    assert _matmul_dtype_inside(env.autocast(cpu_bf16=cpu_bf16)) == expected
+
+
+def test_cpu_bf16_default_follows_cpu(monkeypatch):
+    monkeypatch.delenv("COURSE_CPU_BF16", raising=False)
+    env = course_env.CourseEnv(device=torch.device("cpu"), profile="cpu")
+    expected = torch.bfloat16 if course_env.cpu_has_native_bf16() else torch.float32
+    assert _matmul_dtype_inside(env.autocast(cpu_bf16=True)) == expected
+    monkeypatch.setattr(course_env, "cpu_has_native_bf16", lambda: False)
+    assert _matmul_dtype_inside(env.autocast(cpu_bf16=True)) == torch.float32
+
+
+def test_cpu_bf16_rejects_unknown_setting(monkeypatch):
+    monkeypatch.setenv("COURSE_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match=r"COURSE_CPU_BF16='yes'.*0 \(off\) or 1 \(on\)"):
+        course_env.cpu_bf16_enabled()

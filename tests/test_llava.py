@@ -414,6 +414,22 @@ def test_stage2_step_changes_projector_and_lora_only():
     assert set(model.trainable_state_dict()) == {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def test_stage2_step_under_cpu_bf16():
+    model = MiniLlava(tiny_llama(), vision_dim=16, image_token_id=9)
+    model.add_lora(rank=4, alpha=8)
+    torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "lora_B" in n), std=0.1)
+    input_ids, attention_mask, labels, image_tokens = mini_batch()
+    expected = model(input_ids, attention_mask, image_tokens, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids, attention_mask, image_tokens, labels)
+    assert loss.dtype == torch.float32  # cross-entropy runs on float32 logits
+    torch.testing.assert_close(loss, expected, rtol=0.05, atol=0.05)
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    assert any(p.grad.abs().sum() > 0 for n, p in trainable.items() if n.startswith("projector."))
+
+
 class PlaceholderTokenizer:
     """Just enough of a tokenizer for load_mini_llava: the placeholder lookup."""
 

@@ -55,6 +55,24 @@ def test_language_model_generates_text():
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_eager_matches_sdpa_logits():
+    sdpa, tokenizer = pretrained.load_language_model("cpu")
+    eager, _ = pretrained.load_language_model("cpu", attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "sdpa"
+    ids = tokenizer(["a red circle and a blue square", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        expected = sdpa(**ids).logits
+        got = eager(**ids).logits
+    real = ids["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_attention_is_named():
+    with pytest.raises(ValueError, match=r"attn_implementation='flash'.*'eager', 'sdpa' or None"):
+        pretrained.load_language_model("cpu", attn_implementation="flash")
+
+
 def test_corrupt_language_model_copy_is_rejected(tmp_path):
     pretrained.load_language_model("cpu")
     source = paths.CACHE_DIR / "smollm2-135m-instruct"

@@ -52,9 +52,11 @@ def time_setting(precision: str, attention: str, args, batch) -> float:
     model.train()
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
+    input_ids, attention_mask, labels, features = batch
+
     def step() -> None:
         with context():
-            loss = model(*batch[:2], batch[3], batch[2])
+            loss = model(input_ids, attention_mask, features, labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -92,7 +92,7 @@ def cpu_bf16_enabled() -> bool:
     if not requested:
         return cpu_has_native_bf16()
     if requested not in ("0", "1"):
-        raise ValueError(f"{CPU_BF16_ENV_VAR}={requested!r} must be 0 (off) or 1 (on); or unset it to decide by the CPU.")
+        raise ValueError(f"{CPU_BF16_ENV_VAR}={requested!r} is invalid: use 0 (off) or 1 (on), or unset it to follow the CPU.")
     return requested == "1"
 
 
@@ -128,16 +128,21 @@ class CourseEnv:
             )
         return per_profile[self.profile]
 
+    @property
+    def cpu_bf16_active(self) -> bool:
+        """Whether ``autocast(cpu_bf16=True)`` computes in bf16: a CPU device and :func:`cpu_bf16_enabled`."""
+        return self.device.type == "cpu" and cpu_bf16_enabled()
+
     def autocast(self, cpu_bf16: bool = False):
         """Return a bf16 autocast context on CUDA in the ``gpu`` profile, and a no-op context elsewhere.
 
-        With ``cpu_bf16=True``, a CPU run also gets bf16 autocast when :func:`cpu_bf16_enabled`
-        says so (a CPU with bf16 matrix instructions, unless ``COURSE_CPU_BF16=0``). Matrix
-        products then run in bf16 with float32 accumulation; the parameters stay float32.
+        With ``cpu_bf16=True``, a CPU run also gets bf16 autocast when :attr:`cpu_bf16_active` is
+        True (a CPU with bf16 matrix instructions, unless ``COURSE_CPU_BF16=0``). Matrix
+        products then run in bf16 with float32 accumulation, and the parameters stay float32.
         """
         if self.profile == "gpu" and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if cpu_bf16 and self.device.type == "cpu" and cpu_bf16_enabled():
+        if cpu_bf16 and self.cpu_bf16_active:
             return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -137,6 +137,7 @@ def test_cpu_bf16_request_and_override(monkeypatch, setting, cpu_bf16, expected)
     monkeypatch.setenv("COURSE_CPU_BF16", setting)
     env = course_env.CourseEnv(device=torch.device("cpu"), profile="cpu")
     assert _matmul_dtype_inside(env.autocast(cpu_bf16=cpu_bf16)) == expected
+    assert env.cpu_bf16_active == (setting == "1")
 
 
 def test_cpu_bf16_default_follows_cpu(monkeypatch):

@@ -425,9 +425,12 @@ def test_stage2_step_under_cpu_bf16():
     assert loss.dtype == torch.float32  # cross-entropy runs on float32 logits
     torch.testing.assert_close(loss, expected, rtol=0.05, atol=0.05)
     loss.backward()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
-    assert any(p.grad.abs().sum() > 0 for n, p in trainable.items() if n.startswith("projector."))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, parameter in trainable.items():
+        assert parameter.dtype == torch.float32, name
+        assert parameter.grad is not None, name
+        assert parameter.grad.dtype == torch.float32, name
+    assert any(p.grad.abs().sum() > 0 for name, p in trainable.items() if name.startswith("projector."))
 
 
 class PlaceholderTokenizer:

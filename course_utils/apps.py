@@ -15,6 +15,7 @@ Model code stays in :mod:`course_utils.vlm`; this module only loads, trains and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -32,7 +33,7 @@ from torch import nn
 
 from course_utils import paths
 from course_utils.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from course_utils.env import seed_everything
+from course_utils.env import cpu_bf16_enabled, seed_everything
 from course_utils.train import batch_indices, fit
 from course_utils.vlm import clip, llava
 from course_utils.vlm.sharing import CrossAttentionVQA, VQAExamples
@@ -442,16 +443,28 @@ def scene_answer(scene: dict[str, Any], question: str) -> str | None:
     return None
 
 
+def training_autocast(device: torch.device | str):
+    """Return the autocast context for retraining a language model on ``device``.
+
+    bf16 autocast on CUDA, and on a CPU when :func:`~course_utils.env.cpu_bf16_enabled` is True
+    (bf16 matrix instructions, or ``COURSE_CPU_BF16=1``); a no-op context otherwise.
+    """
+    device_type = torch.device(device).type
+    if device_type == "cuda" or (device_type == "cpu" and cpu_bf16_enabled()):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_llava_shapes(
     scenes: datasets.Dataset,
     image_tokens: torch.Tensor,
     steps: int,
     caption_steps: int = 0,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     caption_lr: float = 3e-3,
     lora_rank: int = 8,
-    turns: int = 4,
+    turns: int = 6,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[llava.MiniLlava, Any, dict[str, Any]]:
@@ -460,8 +473,11 @@ def train_llava_shapes(
     The vision tokens are first standardized with statistics of ``image_tokens``. Stage 1 then
     trains the projector alone on the scenes' captions for ``caption_steps`` steps (notebook 05
     also mixes in OpenMoji names). Stage 2 trains the projector and LoRA adapters on
-    question-answer chats for ``steps`` steps. ``image_tokens`` (num_scenes, N, vision_dim) are
-    the frozen vision tokens of ``scenes``, already pooled. Returns ``(model, tokenizer, config)``
+    question-answer chats of ``turns`` turns for ``steps`` steps. As in notebook 05, SmolLM2 runs
+    with eager attention, and on a CPU the steps run under bf16 autocast when
+    :func:`~course_utils.env.cpu_bf16_enabled` says so (weights stay float32).
+    ``image_tokens`` (num_scenes, N, vision_dim) are the frozen vision tokens of ``scenes``,
+    already pooled. Returns ``(model, tokenizer, config)``
     with the model in eval mode and ``config`` in the layout
     :func:`~course_utils.vlm.llava.save_mini_llava` expects.
     """
@@ -471,7 +487,7 @@ def train_llava_shapes(
         raise ValueError(f"got {len(scenes)} scenes but {len(image_tokens)} rows of image tokens; pass one row per scene.")
     if steps < 1 or caption_steps < 0:
         raise ValueError(f"steps must be >= 1 and caption_steps >= 0, got steps={steps}, caption_steps={caption_steps}.")
-    language_model, tokenizer = load_language_model(device)
+    language_model, tokenizer = load_language_model(device, attn_implementation="eager")
     image_token_id = llava.image_placeholder_id(tokenizer)
     num_image_tokens = image_tokens.shape[1]
     captions = scenes["captions"]
@@ -499,13 +515,16 @@ def train_llava_shapes(
                    for row in rows]
         return to_device(samples, rows)
 
+    def loss(batch):
+        with training_autocast(device):
+            return model(*batch)
+
     model.train()
     if caption_steps:
-        fit(lambda batch: model(*batch), caption_batch, model.projector.parameters(), caption_steps, lr=caption_lr,
-            desc="重新訓練 LLaVA：stage 1")
+        fit(loss, caption_batch, model.projector.parameters(), caption_steps, lr=caption_lr, desc="重新訓練 LLaVA：stage 1")
     lora = model.add_lora(rank=lora_rank, alpha=2 * lora_rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fit(lambda batch: model(*batch), chat_batch, trainable, steps, lr=lr, desc="重新訓練 LLaVA：stage 2")
+    fit(loss, chat_batch, trainable, steps, lr=lr, desc="重新訓練 LLaVA：stage 2")
     model.eval()
     config = {"vision_dim": image_tokens.shape[-1], "projector_kind": "mlp", "grid": math.isqrt(num_image_tokens),
               "lora_rank": lora_rank, "lora_alpha": 2 * lora_rank, "lora_targets": sorted(lora.target_modules),

@@ -329,11 +329,33 @@ def test_generate_replies_rejects_mismatched_images():
         apps.generate_replies(None, None, [[1, 2], [3]], torch.zeros(1, 4, 8))
 
 
-def test_train_llava_shapes_standardizes_and_trains():
+@pytest.mark.parametrize("setting, expected", [("1", True), ("0", False)])
+def test_training_autocast_follows_the_cpu_bf16_switch(monkeypatch, setting, expected):
+    monkeypatch.setenv("COURSE_CPU_BF16", setting)
+    with apps.training_autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu") is expected
+        if expected:
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_train_llava_shapes_standardizes_and_trains(monkeypatch):
+    monkeypatch.setenv("COURSE_CPU_BF16", "1")
+    autocast_seen = []
+    forward = llava.MiniLlava.forward
+
+    def recording_forward(self, *args, **kwargs):
+        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(llava.MiniLlava, "forward", recording_forward)
     scenes = make_shapes_world(6, "train", seed=0, image_size=32)
     tokens = torch.randn(6, 4, 1280, generator=torch.Generator().manual_seed(0)) * 5 + 2
     model, tokenizer, config = apps.train_llava_shapes(scenes, tokens, steps=1, caption_steps=1, batch_size=2, turns=1, lora_rank=2)
 
+    assert autocast_seen == [True, True], "stage 1 and stage 2 should each run one step under CPU bf16 autocast"
+    assert model.language_model.config._attn_implementation == "eager"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     torch.testing.assert_close(model.standardize.mean, tokens.flatten(0, 1).mean(0))
     assert config["grid"] == 2
     assert config["stage1_steps"] == 1

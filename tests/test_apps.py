@@ -330,7 +330,7 @@ def test_generate_replies_rejects_mismatched_images():
 
 
 @pytest.mark.parametrize("setting, expected", [("1", True), ("0", False)])
-def test_training_autocast_follows_the_cpu_bf16_switch(monkeypatch, setting, expected):
+def test_training_autocast_follows_switch(monkeypatch, setting, expected):
     monkeypatch.setenv("COURSE_CPU_BF16", setting)
     with apps.training_autocast("cpu"):
         assert torch.is_autocast_enabled("cpu") is expected

@@ -443,11 +443,12 @@ def scene_answer(scene: dict[str, Any], question: str) -> str | None:
     return None
 
 
-def training_autocast(device: torch.device | str):
-    """Return the autocast context for retraining a language model on ``device``.
+def language_model_autocast(device: torch.device | str):
+    """Return the autocast context for training or running a language model on ``device``.
 
-    bf16 autocast on CUDA, and on a CPU when :func:`~course_utils.env.cpu_bf16_enabled` is True
-    (bf16 matrix instructions, or ``COURSE_CPU_BF16=1``); a no-op context otherwise.
+    It is bf16 autocast on CUDA in every profile, and on a CPU when
+    :func:`~course_utils.env.cpu_bf16_enabled` is True (bf16 matrix instructions, or
+    ``COURSE_CPU_BF16=1``). Elsewhere it is a no-op context.
     """
     device_type = torch.device(device).type
     if device_type == "cuda" or (device_type == "cpu" and cpu_bf16_enabled()):
@@ -516,7 +517,7 @@ def train_llava_shapes(
         return to_device(samples, rows)
 
     def loss(batch):
-        with training_autocast(device):
+        with language_model_autocast(device):
             return model(*batch)
 
     model.train()

@@ -330,9 +330,9 @@ def test_generate_replies_rejects_mismatched_images():
 
 
 @pytest.mark.parametrize("setting, expected", [("1", True), ("0", False)])
-def test_training_autocast_follows_switch(monkeypatch, setting, expected):
+def test_lm_autocast_follows_switch(monkeypatch, setting, expected):
     monkeypatch.setenv("COURSE_CPU_BF16", setting)
-    with apps.training_autocast("cpu"):
+    with apps.language_model_autocast("cpu"):
         assert torch.is_autocast_enabled("cpu") is expected
         if expected:
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16

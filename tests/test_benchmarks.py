@@ -1,4 +1,4 @@
-"""Benchmark scripts reject bad arguments with a message that names the value, before any model loads."""
+"""Benchmark scripts: bad arguments are rejected before any data or model loads, and recipes match their notebooks."""
 
 import importlib.util
 
@@ -20,11 +20,13 @@ def _load(script: str):
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--steps", "100", "--eval-at", "50", "100"], "between 1 and --steps - 1 = 99, got [100]"),
         (["--steps", "100", "--eval-at", "0"], "got [0]"),
+        (["--steps", "140", "--eval-at", "140"], "got [140]"),
     ],
 )
 def test_curve_rejects_bad_steps(argv, message, capsys, monkeypatch):
     curve = _load("llava_learning_curve")
-    monkeypatch.setattr(curve, "load_language_model", lambda *a, **k: pytest.fail("a model loaded before the arguments were checked"))
+    for loader in ("make_shapes_world", "load_openmoji", "load_tokens", "load_language_model"):
+        monkeypatch.setattr(curve, loader, lambda *a, **k: pytest.fail("data or a model loaded before the arguments were checked"))
     with pytest.raises(SystemExit) as exit_info:
         curve.main(argv)
     assert exit_info.value.code == 2
@@ -45,3 +47,24 @@ def test_curve_recipe_matches_notebook_05():
     for key, value in curve.RECIPE.items():
         assert key in settings, f"notebook 05's cpu profile has no {key}"
         assert float(settings[key]) == float(value), f"{key}: notebook {settings[key]}, script {value}"
+
+
+def test_curve_default_evaluations_fit_steps(monkeypatch):
+    curve = _load("llava_learning_curve")
+    seen = {}
+
+    def stop_after_parsing(*args, **kwargs):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(curve, "make_shapes_world", stop_after_parsing)
+    parse = curve.argparse.ArgumentParser.parse_args
+
+    def recording_parse(self, *args, **kwargs):
+        seen["args"] = parse(self, *args, **kwargs)
+        return seen["args"]
+
+    monkeypatch.setattr(curve.argparse.ArgumentParser, "parse_args", recording_parse)
+    for steps, expected in (("140", []), ("300", [140, 280]), ("560", [140, 280, 420])):
+        with pytest.raises(RuntimeError, match="stop"):
+            curve.main(["--steps", steps])
+        assert seen["args"].eval_at == expected

@@ -696,6 +696,25 @@ def test_labels_checker_statuses():
         assert run_check(checks.check_build_labels, wrong) == "failed", wrong.__name__
 
 
+def labels_answer_dropped(input_ids, answer_mask, attention_mask, image_token_id):
+    labels = build_labels(input_ids, answer_mask, attention_mask, image_token_id)
+    return labels.masked_fill(input_ids == 30, IGNORE_INDEX)  # 30 is an answer token in the checker's first case
+
+
+def test_labels_checker_names_masked_end_token():
+    result = checks.check_build_labels(labels_pad_id_compare, raise_on_fail=False, verbose=False)
+    assert "回答位置被設成 -100" in result.hint
+    assert "input_ids == pad_id" in result.hint
+    assert "只有回答（answer_mask 為 True）" not in result.hint
+
+
+def test_labels_checker_names_masked_answer():
+    result = checks.check_build_labels(labels_answer_dropped, raise_on_fail=False, verbose=False)
+    assert result.status == "failed"
+    assert "token id [30]" in result.hint
+    assert "pad_id" not in result.hint
+
+
 def test_labels_checker_names_double_shift():
     result = checks.check_build_labels(labels_double_shift, raise_on_fail=False, verbose=False)
     assert "平移" in result.hint

@@ -296,7 +296,7 @@ def check_merge_image_features(merge_image_features):
 
 
 def _diagnose_labels(got: torch.Tensor, expected: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     image_token_id: int) -> str:
+                     image_token_id: int, pad_token_id: int | None = None) -> str:
     """Name the typical mistake behind a wrong label tensor, or return "" when none fits."""
     shifted_left = torch.full_like(expected, IGNORE_INDEX)
     shifted_left[:, :-1] = expected[:, 1:]
@@ -305,6 +305,15 @@ def _diagnose_labels(got: torch.Tensor, expected: torch.Tensor, input_ids: torch
                 "已經會把 logits[t] 對到 labels[t+1]；這裡再平移，就變成平移兩次。labels 要和 input_ids 對齊。")
     answer_kept = expected != IGNORE_INDEX
     leaked = (got != IGNORE_INDEX) & ~answer_kept
+    dropped = answer_kept & (got == IGNORE_INDEX)
+    if bool(dropped.any()) and not bool(leaked.any()) and torch.equal(got[~dropped], expected[~dropped]):
+        dropped_ids = sorted(set(input_ids[dropped].tolist()))
+        message = (f"其他位置都對，但有 {int(dropped.sum())} 個回答位置被設成 -100（token id {dropped_ids}）："
+                   "回答的每個 token，包括結尾的 <|im_end|>，都要保留 id。")
+        if pad_token_id is not None and dropped_ids == [pad_token_id]:
+            message += ("被遮掉的正是 pad id；SmolLM2 的 pad token 也是回答結尾的 <|im_end|>，"
+                        "所以找 padding 要看 attention_mask，不要用 input_ids == pad_id 判斷。")
+        return message
     if not (torch.equal(got[answer_kept], expected[answer_kept]) and bool(leaked.any())):
         return ""
     padding = leaked & ~attention_mask.bool()
@@ -337,11 +346,11 @@ def check_build_labels(build_labels):
         expected = reference.build_labels(input_ids, answer_mask, attention_mask, image_id)
         got = expect_tensor(got, what)
         if tuple(got.shape) != tuple(expected.shape):
-            fail(f"{what}的形狀為 {tuple(expected.shape)}", f"形狀 {tuple(got.shape)}",
+            fail(f"{what} 的形狀為 {tuple(expected.shape)}", f"形狀 {tuple(got.shape)}",
                  "labels 和 input_ids 同形狀：不要在這裡平移（shift），loss 會自己平移一次。")
         if not torch.equal(got.long(), expected):
             fail(f"{what} = {expected.tolist()}", str(got.tolist()),
-                 _diagnose_labels(got.long(), expected, input_ids, attention_mask, image_id) or hint)
+                 _diagnose_labels(got.long(), expected, input_ids, attention_mask, image_id, pad_id) or hint)
 
     def prompt_is_masked():
         # <start> user text <end> <start> assistant answer <end>

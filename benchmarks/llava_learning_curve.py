@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_utils.apps import accuracy_by_type, first_word, language_model_autocast  # noqa: E402
+from course_utils.apps import accuracy_by_type, first_word, language_model_autocast, shapes_conversation  # noqa: E402
 from course_utils.data import load_openmoji, make_shapes_world  # noqa: E402
 from course_utils.env import cpu_bf16_enabled, seed_everything  # noqa: E402
 from course_utils.pretrained import cached_features, load_image_encoder, load_language_model  # noqa: E402
@@ -68,7 +68,8 @@ def load_tokens(key: str, dataset, grid: int) -> torch.Tensor:
     return cached_features(key, encode)["tokens"].float()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; ``eval_at`` defaults to every notebook-length step count below ``steps``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=560,
                         help="stage-2 steps (default 560; notebook 05 cpu: 140). Each step took about 2.5 s on a "
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [step for step in args.eval_at if not 0 < step < args.steps]
     if bad:
         parser.error(f"--eval-at steps must lie between 1 and --steps - 1 = {args.steps - 1}, got {bad}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     recipe = RECIPE
     grid, tokens_per_image = recipe["grid"], recipe["grid"] ** 2
     shapes_train = make_shapes_world(recipe["shapes_train"], split="train", seed=0)
@@ -179,14 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         if step in evaluate_at:  # fit requests the batch of step k after k updates
             evaluate(step)
         scene_rows = [stage2_rng.randrange(len(shapes_train)) for _ in range(recipe["batch_size"])]
-        samples = []
-        for row in scene_rows:
-            pairs = stage2_rng.sample(list(zip(questions[row], answers[row])), k=min(recipe["turns"], len(questions[row])))
-            messages = []
-            for turn, (question, answer) in enumerate(pairs):
-                messages.append({"role": "user", "content": ("<image>\n" if turn == 0 else "") + question})
-                messages.append({"role": "assistant", "content": answer})
-            samples.append(llava.build_chat_prompt(tokenizer, messages, image_token_id, tokens_per_image))
+        # Only the text columns are read: indexing a scene row would also decode its image.
+        samples = [llava.build_chat_prompt(tokenizer, shapes_conversation({"questions": questions[row], "answers": answers[row]},
+                                                                          stage2_rng, recipe["turns"]),
+                                           image_token_id, tokens_per_image) for row in scene_rows]
         return to_batch(samples, train_tokens[scene_rows])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
